@@ -1,0 +1,22 @@
+# Fresh machine: `make demo` (tiny multi-task pre-training on CPU) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/tiny
+
+.PHONY: setup test demo clean
+
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements-test.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m mhr_jax.train --gin_file=configs/tiny.gin --gin.MODEL_DIR="'$(RUN_DIR)'"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

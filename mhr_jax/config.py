@@ -1,0 +1,385 @@
+"""Run configuration: gin binds a few small dataclasses; everything is validated before any work.
+
+Bindable (gin selector names):
+  ModelConfig     size preset + T5Config field overrides (the architecture)
+  AdapterConfig   mhr_jax.adapters.config.AdapterConfig (method, rank, K, S, routing, ...)
+  DataConfig      task / mixture, batch size, feature lengths, packing, data directories
+  LossConfig      mhr_jax.losses.LossConfig
+  OptimizerConfig mhr_jax.optim.OptimizerConfig
+  MeshConfig      mhr_jax.partitioning.MeshConfig
+  RunConfig       run directory, steps, logging / checkpoint cadence, seed, mode, start weights
+  AdaptConfig     few-shot adaptation (mode "adapt"): method, tasks, shots, seeds
+T5X-style macros (`MODEL_DIR`, `TRAIN_STEPS`) are ordinary gin macros that the config files use.
+Errors are ConfigError (a ValueError) with one line naming the file, flag or key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Sequence
+
+import gin
+
+from mhr_jax.adapters.config import AdapterConfig
+from mhr_jax.losses import LossConfig
+from mhr_jax.models.config import T5Config, preset
+from mhr_jax.optim import OptimizerConfig
+from mhr_jax.partitioning import MeshConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("pretrain", "adapt")
+SOURCES = ("synthetic", "superni", "t0")
+HOST_INPUTS = ("global", "sharded")
+ADAPT_METHODS = ("poly", "mhr", "poly-z", "mhr-z", "poly-mu", "mhr-mu", "lora", "ia3", "private_lora",
+                 "full")
+# The pre-trained adapter kinds each adaptation method starts from.
+ADAPT_KINDS = {"poly": ("poly", "mhr"), "mhr": ("poly", "mhr"), "poly-z": ("poly", "mhr"),
+               "mhr-z": ("poly", "mhr"), "poly-mu": ("poly", "mhr"), "mhr-mu": ("poly", "mhr"),
+               "lora": ("lora",), "ia3": ("ia3",), "private_lora": ("private_lora",),
+               "full": ("none", "lora", "ia3", "private_lora", "poly", "mhr")}
+# The gin sections that fix the parameter tree; a run directory refuses a config that changes them.
+MODEL_SECTIONS = ("ModelConfig", "AdapterConfig")
+
+
+class ConfigError(ValueError):
+  """A bad configuration value, file or flag; the message is one line naming it."""
+
+
+# Configurables owned elsewhere: calls through these apply gin bindings and return plain instances.
+_ADAPTER = gin.external_configurable(AdapterConfig, name="AdapterConfig")
+_LOSS = gin.external_configurable(LossConfig, name="LossConfig")
+_OPTIMIZER = gin.external_configurable(OptimizerConfig, name="OptimizerConfig")
+_MESH = gin.external_configurable(MeshConfig, name="MeshConfig")
+
+
+def _check(checks: Sequence[tuple[bool, str]]) -> None:
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture: a `models.preset` name plus T5Config field overrides.
+
+  With RunConfig.init_checkpoint (a Hugging Face directory) the architecture comes from its
+  config.json instead; `overrides` (e.g. dtype, dropout_rate) still apply.
+  """
+  preset: str = "tiny"
+  overrides: dict = dataclasses.field(default_factory=dict)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training data (as T5X's DatasetConfig, plus where the tasks come from).
+
+  Attributes:
+    source: which tasks/ module registers the data: "synthetic" (the embedded suite, generated into
+      `data_dir`, default MODEL_DIR/synthetic_data), "superni" (a natural-instructions clone at
+      `data_dir`) or "t0" (a bigscience/P3 copy at `data_dir`).
+    task: registered SeqIO task or mixture name, e.g. "synthetic_train", "superni_train", "t0_train".
+    split: dataset split.
+    vocabulary: "byte" or a SentencePiece model (file, or a directory with spiece.model).
+    batch_size: global batch size (examples per update); divisible by the mesh batch axes
+      (MeshConfig.data * MeshConfig.fsdp) and by the number of processes.
+    input_len, target_len: feature lengths (longer examples are truncated, keeping EOS).
+    pack: pack several examples of one task per row (segment ids and positions).
+    host_input: "global" (every process reads the global batch stream and keeps its own rows, so
+      the data order does not depend on the number of processes) or "sharded" (each process reads
+      its own shard of every task: less input work per host on large runs).
+    data_dir: see `source`.
+    synthetic_train_tasks, synthetic_test_tasks, synthetic_instances, synthetic_seed: the
+      synthetic suite (tasks/synthetic.py).
+    max_train_instances: SuperNI instances per training task (METHODS.md: <= 100).
+    prompt, num_pos_examples: SuperNI input format ("tk_instruct" or "input_only").
+  """
+  source: str = "synthetic"
+  task: str = "synthetic_train"
+  split: str = "train"
+  vocabulary: str = "byte"
+  batch_size: int = 8
+  input_len: int = 64
+  target_len: int = 16
+  pack: bool = False
+  host_input: str = "global"
+  data_dir: str | None = None
+  synthetic_train_tasks: int = 16
+  synthetic_test_tasks: int = 4
+  synthetic_instances: int = 200
+  synthetic_seed: int = 0
+  max_train_instances: int = 100
+  prompt: str = "tk_instruct"
+  num_pos_examples: int = 0
+
+  def __post_init__(self):
+    _check([
+        (self.source in SOURCES, f"DataConfig.source={self.source!r}: expected one of {SOURCES}"),
+        (bool(self.task), "DataConfig.task: must name a SeqIO task or mixture"),
+        (self.batch_size >= 1, f"DataConfig.batch_size={self.batch_size}: must be >= 1"),
+        (self.input_len >= 1, f"DataConfig.input_len={self.input_len}: must be >= 1"),
+        (self.target_len >= 1, f"DataConfig.target_len={self.target_len}: must be >= 1"),
+        (self.host_input in HOST_INPUTS,
+         f"DataConfig.host_input={self.host_input!r}: expected one of {HOST_INPUTS}"),
+        (self.source == "synthetic" or bool(self.data_dir),
+         f"DataConfig.data_dir: required for source {self.source!r} (the dataset's local copy)"),
+    ])
+    if self.source != "synthetic" and not os.path.isdir(self.data_dir):
+      raise ConfigError(f"DataConfig.data_dir={self.data_dir!r}: no such directory")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Where the run lives and how it proceeds.
+
+  Attributes:
+    model_dir: run directory (config.gin, metrics.jsonl, TensorBoard events, checkpoints/, results).
+    train_steps: optimizer updates in total (a resumed run continues up to this step).
+    log_every: metrics cadence in steps.
+    checkpoint_every: checkpoint cadence in steps (the last step is always saved).
+    keep_checkpoints: most recent checkpoints kept.
+    seed: model init, dropout / Gumbel noise and data order.
+    mode: "pretrain" (multi-task training of the adapted model) or "adapt" (few-shot adaptation
+      from `pretrain_dir`, see AdaptConfig).
+    init_checkpoint: Hugging Face T5 directory with the base weights (None: random init).
+    pretrain_dir: a pre-training run directory (its config.gin and latest checkpoint); adapt only.
+    async_checkpoints: orbax writes in the background after copying arrays to host.
+    param_rules: ((regex, group), ...) deciding which parameters train (groups: frozen, adapters,
+      routing, base; first full match on the '/'-joined path wins); None: the adapter kind's rules
+      (mhr_jax.adapters.params.default_rules).
+  """
+  model_dir: str = ""
+  train_steps: int = 100
+  log_every: int = 50
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  seed: int = 0
+  mode: str = "pretrain"
+  init_checkpoint: str | None = None
+  pretrain_dir: str | None = None
+  async_checkpoints: bool = True
+  param_rules: tuple | None = None
+
+  def __post_init__(self):
+    _check([
+        (bool(self.model_dir), "RunConfig.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\""),
+        (self.train_steps >= 1, f"RunConfig.train_steps={self.train_steps}: must be >= 1"),
+        (self.log_every >= 1, f"RunConfig.log_every={self.log_every}: must be >= 1"),
+        (self.checkpoint_every >= 1,
+         f"RunConfig.checkpoint_every={self.checkpoint_every}: must be >= 1"),
+        (self.keep_checkpoints >= 1,
+         f"RunConfig.keep_checkpoints={self.keep_checkpoints}: must be >= 1"),
+        (self.mode in MODES, f"RunConfig.mode={self.mode!r}: expected one of {MODES}"),
+        (self.mode == "adapt" or self.pretrain_dir is None,
+         "RunConfig.pretrain_dir is only used with RunConfig.mode='adapt'"),
+        (self.mode == "pretrain" or bool(self.pretrain_dir),
+         "RunConfig.mode='adapt' needs RunConfig.pretrain_dir (a pre-training run directory)"),
+        (self.mode == "pretrain" or self.init_checkpoint is None,
+         "RunConfig.init_checkpoint is for pre-training; adaptation starts from pretrain_dir"),
+    ])
+    if self.init_checkpoint is not None and not os.path.isdir(self.init_checkpoint):
+      raise ConfigError(f"RunConfig.init_checkpoint={self.init_checkpoint!r}: no such directory")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class AdaptConfig:
+  """Few-shot adaptation of several (task, seed) pairs from one pre-training run (mode "adapt").
+
+  Every pair trains its own copy of the adapter state for RunConfig.train_steps steps on its k-shot
+  split (DataConfig.batch_size examples per step) as one vmapped program (mhr_jax/adaptation.py), then
+  is evaluated on the task's test split by greedy decoding (ROUGE-L and exact match, SuperNI's metrics).
+
+  Attributes:
+    method: one of ADAPT_METHODS. poly/mhr: a fresh routing row per new task, routing and adapters
+      train; *-z: only the new routing row trains; *-mu: the skills averaged into one LoRA, which
+      trains; lora, ia3, private_lora: those baselines; full: every weight. The pre-trained adapter
+      kind must fit (ADAPT_KINDS).
+    tasks: task names (as in the data's task list); empty: every test task of DataConfig.source.
+    shots: training examples per task (k); one of the few-shot splits the data registers.
+    seeds: split / init seeds; every (task, seed) pair is one independent adaptation.
+    evaluate: decode the test split of every pair after training.
+  """
+  method: str = "mhr"
+  tasks: tuple = ()
+  shots: int = 32
+  seeds: tuple = (13, 42, 58)
+  evaluate: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "tasks", tuple(self.tasks))
+    object.__setattr__(self, "seeds", tuple(self.seeds))
+    _check([
+        (self.method in ADAPT_METHODS,
+         f"AdaptConfig.method={self.method!r}: expected one of {ADAPT_METHODS}"),
+        (self.shots >= 1, f"AdaptConfig.shots={self.shots}: must be >= 1"),
+        (len(self.seeds) >= 1, "AdaptConfig.seeds: give at least one seed"),
+    ])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything a run needs, resolved from gin. `model` is the full T5Config (adapter included)."""
+  model_cfg: ModelConfig
+  model: T5Config
+  data: DataConfig
+  loss: LossConfig
+  optimizer: OptimizerConfig
+  mesh: MeshConfig
+  run: RunConfig
+  adapt: AdaptConfig
+
+
+def _one_line(e: BaseException) -> str:
+  """gin appends context lines ("In file ...", "In call to configurable ..."); keep them short."""
+  lines = [line.strip() for line in str(e).splitlines()
+           if line.strip() and not line.strip().startswith(("In call to configurable", "In bindings string"))]
+  required = re.match(r"(\w+)/macro\.value set to `%gin\.REQUIRED`", lines[0] if lines else "")
+  if required:
+    name = required.group(1)
+    return f"{name} is required: pass --gin.{name}=... (strings quoted, e.g. --gin.{name}=\"'/path'\")"
+  return "; ".join(lines) if lines else type(e).__name__
+
+
+_SEARCH_PATHS: set[str] = set()
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files then bindings (in order) into gin's global config.
+
+  Relative file names and `include` lines resolve against `search_paths`, then the current
+  directory, then the repository root (so `configs/tiny.gin` works from anywhere).
+  Raises ConfigError naming the file or binding that failed.
+  """
+  gin.clear_config()
+  prefixes = (*search_paths, os.getcwd(), REPO_ROOT)
+  for prefix in prefixes:
+    if prefix not in _SEARCH_PATHS:  # gin keeps its search paths for the life of the process
+      _SEARCH_PATHS.add(prefix)
+      gin.add_config_file_search_path(prefix)
+  for path in gin_files:
+    found = [p for p in ([path] if os.path.isabs(path) else [os.path.join(q, path) for q in prefixes])
+             if os.path.isfile(p)]
+    if not found:
+      raise ConfigError(f"--gin_file={path}: not found (searched {list(prefixes)})")
+    try:
+      gin.parse_config_file(found[0])
+    except (IOError, ValueError, SyntaxError, TypeError) as e:
+      # gin's package-resource reader fails this way on a missing include under a directory
+      # that Python sees as a namespace package (configs/).
+      message = _one_line(e).replace("expected str, bytes or os.PathLike object, not NoneType",
+                                     "included file not found")
+      raise ConfigError(f"--gin_file={path}: {message}") from None
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except (ValueError, SyntaxError, TypeError) as e:
+      hint = ""
+      if isinstance(e, SyntaxError):
+        hint = " (gin literals: strings need quotes, e.g. --gin.MODEL_DIR=\"'/some/dir'\")"
+      raise ConfigError(f"--gin.{binding}: {_one_line(e)}{hint}") from None
+  try:
+    gin.finalize()  # fails on macros left at %gin.REQUIRED
+  except ValueError as e:
+    raise ConfigError(_one_line(e)) from None
+
+
+def _build_model(model_cfg: ModelConfig, adapter: AdapterConfig, base: T5Config | None) -> T5Config:
+  overrides = dict(model_cfg.overrides)
+  fields = {f.name for f in dataclasses.fields(T5Config)} - {"adapter"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ConfigError(f"ModelConfig.overrides: unknown T5Config field(s) {unknown}")
+  if base is None:
+    return preset(model_cfg.preset, adapter=adapter, **overrides)
+  return base.replace(adapter=adapter, **overrides)
+
+
+def load_config(base_model: T5Config | None = None) -> ExperimentConfig:
+  """Instantiates every config dataclass from the parsed gin config (see `parse_gin`).
+
+  Args:
+    base_model: the architecture of RunConfig.init_checkpoint when there is one (then
+      ModelConfig.preset is not used).
+  Raises ConfigError with the offending key.
+  """
+  try:
+    model_cfg = ModelConfig()
+    adapter = _ADAPTER()
+    model = _build_model(model_cfg, adapter, base_model)
+    cfg = ExperimentConfig(model_cfg=model_cfg, model=model, data=DataConfig(), loss=_LOSS(),
+                           optimizer=_OPTIMIZER(), mesh=_MESH(), run=RunConfig(),
+                           adapt=AdaptConfig())
+  except (ValueError, TypeError) as e:  # gin adds context lines to errors raised in calls
+    raise ConfigError(_one_line(e)) from None
+  kind = cfg.model.adapter.kind
+  if cfg.run.mode == "adapt" and kind not in ADAPT_KINDS[cfg.adapt.method]:
+    raise ConfigError(f"AdaptConfig.method={cfg.adapt.method!r} starts from a pre-trained adapter of "
+                      f"kind {ADAPT_KINDS[cfg.adapt.method]}, not AdapterConfig.kind={kind!r}")
+  if cfg.run.mode == "pretrain" and cfg.model.adapter.uses_task_ids and cfg.model.adapter.n_tasks < 2:
+    raise ConfigError(f"AdapterConfig.n_tasks={cfg.model.adapter.n_tasks}: multi-task "
+                      f"pre-training of kind {cfg.model.adapter.kind!r} needs one row per task")
+  return cfg
+
+
+def operative_config() -> str:
+  """The operative gin config (every parameter used, defaults included), one binding per line."""
+  text = gin.operative_config_str(max_line_length=10**6)
+  # No wrapping keeps one binding per line; gin sizes its "# ====" rules by that width.
+  return re.sub(r"(?m)^# =+$", "# " + "=" * 78, text)
+
+
+def model_section(config_text: str) -> dict[str, str]:
+  """{binding key: value text} of the ModelConfig / AdapterConfig bindings, macros substituted.
+
+  Args:
+    config_text: an operative config as `operative_config()` writes it (MODEL_DIR/config.gin).
+  """
+  macros, section = {}, {}
+  for line in config_text.splitlines():
+    match = re.match(r"^([\w./]+)\s*=\s*(.*)$", line)
+    if not match:
+      continue
+    key, value = match.groups()
+    if "." not in key:
+      macros[key] = value
+    elif key.split(".")[0] in MODEL_SECTIONS:
+      section[key] = value
+  substitute = lambda m: macros.get(m.group(1), m.group(0))  # noqa: E731
+  for _ in range(8):  # macros may refer to macros
+    section = {k: re.sub(r"%([\w.]+)", substitute, v) for k, v in section.items()}
+  return section
+
+
+def check_run_dir(model_dir: str, config_text: str, fix: str = "use a new MODEL_DIR") -> None:
+  """ConfigError when `model_dir` holds a run whose model/adapter config differs from this one.
+
+  Compares the ModelConfig and AdapterConfig bindings of MODEL_DIR/config.gin with
+  `config_text`; a run directory without config.gin is fresh.
+  """
+  path = os.path.join(model_dir, "config.gin")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = model_section(f.read())
+  current = model_section(config_text)
+  diffs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if diffs:
+    key = diffs[0]
+    raise ConfigError(
+        f"{model_dir} holds a run with a different model/adapter config ({key}: saved "
+        f"{saved.get(key, '<unset>')}, now {current.get(key, '<unset>')}"
+        f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); {fix}")
+
+
+def describe(cfg: ExperimentConfig) -> dict[str, Any]:
+  """Flat summary for logs and results files."""
+  a = cfg.model.adapter
+  return {"mode": cfg.run.mode, "adapter": a.kind, "n_tasks": a.n_tasks, "n_skills": a.n_skills,
+          "n_splits": a.n_splits, "rank": a.rank, "d_model": cfg.model.d_model,
+          "layers": cfg.model.num_layers, "task": cfg.data.task, "batch_size": cfg.data.batch_size,
+          "train_steps": cfg.run.train_steps}

@@ -1,0 +1,87 @@
+"""T5 configuration and the T5 v1.1 / LM-adapted size presets."""
+from __future__ import annotations
+
+import dataclasses
+
+from mhr_jax.adapters.config import AdapterConfig
+
+_FFN = ("gated-gelu", "relu")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyperparameters of a T5 encoder-decoder (field names follow Hugging Face's T5Config).
+
+  `feed_forward_proj="gated-gelu"` with untied embeddings is T5 v1.1 / LM-adapted; `"relu"` with
+  `tie_word_embeddings=True` is the original T5. `dtype` is the compute dtype, `param_dtype` the
+  storage dtype (keep fp32 params with bf16 compute on accelerators).
+  """
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 1024
+  num_layers: int = 8
+  num_decoder_layers: int | None = None
+  num_heads: int = 6
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = "gated-gelu"
+  tie_word_embeddings: bool = False
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  decoder_start_token_id: int = 0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+
+  def __post_init__(self):
+    if self.num_decoder_layers is None:
+      object.__setattr__(self, "num_decoder_layers", self.num_layers)
+    if isinstance(self.adapter, dict):
+      object.__setattr__(self, "adapter", AdapterConfig(**self.adapter))
+    checks = [
+        (self.feed_forward_proj in _FFN,
+         f"feed_forward_proj={self.feed_forward_proj!r}: supported are {_FFN}"),
+        (self.dtype in _DTYPES, f"dtype={self.dtype!r}: expected one of {_DTYPES}"),
+        (self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r}: expected one of {_DTYPES}"),
+    ]
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
+                 "num_heads", "relative_attention_num_buckets"):
+      checks.append((getattr(self, name) >= 1, f"{name}={getattr(self, name)}: must be >= 1"))
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(message)
+
+  @property
+  def gated(self) -> bool:
+    return self.feed_forward_proj == "gated-gelu"
+
+  @property
+  def inner_dim(self) -> int:
+    return self.num_heads * self.d_kv
+
+  def replace(self, **changes) -> "T5Config":
+    return dataclasses.replace(self, **changes)
+
+
+# T5 v1.1 / LM-adapted dimensions (vocab 32128, gated-GELU, untied embeddings).
+_PRESETS = {
+    "tiny": dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                 dropout_rate=0.0),
+    "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6),
+    "base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12),
+    "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16),
+    "xl": dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32),
+    "xxl": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
+}
+
+
+def preset(name: str, **overrides) -> T5Config:
+  """A T5Config for size `name` (tiny, small, base, large, xl, xxl), with field overrides."""
+  if name not in _PRESETS:
+    raise ValueError(f"model preset {name!r}: expected one of {sorted(_PRESETS)}")
+  return T5Config(**{**_PRESETS[name], **overrides})

@@ -1,0 +1,160 @@
+"""Run checkpoints (orbax): periodic saves, keep-N, resume, save-on-SIGTERM; atomic result files.
+
+A checkpoint at step s holds the train state after s updates (linen boxes removed, so the tree
+is plain arrays) and a small JSON "progress" item with the data position. The data iterator is
+deterministic given its seed and skips ahead, so (state, batches consumed) makes resuming exact.
+orbax writes each step into a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoints intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import flax.traverse_util
+import jax
+import orbax.checkpoint as ocp
+from flax.core import meta
+
+from mhr_jax.logging_utils import log
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and os.replace (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) of an unboxed tree of arrays: a restore target."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      meta.unbox(tree))
+
+
+class RunCheckpointer:
+  """orbax CheckpointManager for one run directory's `checkpoints/` folder.
+
+  Args:
+    directory: where step folders go (created on first save).
+    save_every: save when step % save_every == 0 (and whenever `save(force=True)`).
+    keep: number of most recent checkpoints kept (None: all).
+    async_save: let orbax write in a background thread after copying arrays to host.
+  """
+
+  def __init__(self, directory: str, save_every: int, keep: int | None, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)  # leftovers of a killed run's unfinished save
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "progress"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, progress: dict[str, Any], force: bool = False) -> bool:
+    """Saves (state, progress) at `step` if due (or forced); True when a save started."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(meta.unbox(state)),
+                              progress=ocp.args.JsonSave(progress))
+    return self._manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state):
+    """(state, progress) of checkpoint `step`, laid out like `abstract_state`.
+
+    Args:
+      abstract_state: the target tree (arrays or ShapeDtypeStructs with shardings, see
+        `abstract_like`); restored arrays get its shapes, dtypes and shardings.
+    """
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_like(abstract_state)),
+        progress=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["progress"])
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host preemption sync point (JAX's preemption service catches SIGTERM there)."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def latest_step(directory: str) -> int | None:
+  """The latest complete checkpoint step in `directory` (None when there is none); never writes."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def restore_params(directory: str, step: int) -> dict:
+  """The model params (trainable and frozen parts merged) of checkpoint `step` of a run, on one device.
+
+  Reads only the parameter arrays (no optimizer state), so it works whatever optimizer, mesh or number
+  of devices wrote the checkpoint.
+  """
+  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata
+  parts = {k: saved[k] for k in ("trainable", "frozen")}
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), parts)
+  restore_args = jax.tree.map(
+      lambda m: ocp.ArrayRestoreArgs(sharding=device, global_shape=m.shape, dtype=m.dtype), parts)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+  merged = flax.traverse_util.flatten_dict(dict(restored["frozen"]))
+  merged.update(flax.traverse_util.flatten_dict(dict(restored["trainable"])))
+  return flax.traverse_util.unflatten_dict(merged)
+
+
+class StopSignal:
+  """Turns SIGTERM into "save at the next step boundary, then exit".
+
+  Single process: a Python handler sets a flag. Several processes: JAX's preemption service
+  (started by jax.distributed.initialize) owns SIGTERM and all hosts agree on the step to stop at
+  through `RunCheckpointer.reached_preemption`, so no handler is installed here.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+    log.info("SIGTERM received: saving a checkpoint after the current step")
+
+  def should_stop(self, step: int, checkpointer: RunCheckpointer) -> bool:
+    if jax.process_count() > 1:
+      self.received = checkpointer.reached_preemption(step)
+    return self.received
+
+  def restore_handler(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

@@ -1,0 +1,145 @@
+"""Few-shot adaptation: N vmapped (task, seed) pairs equal N separate train-step runs; method
+set-ups; sequential mode with best-on-dev selection."""
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mhr_jax import adaptation, losses, models, optim, partitioning
+from mhr_jax import train_step as ts
+from mhr_jax.adapters import AdapterConfig, transforms
+from mhr_jax.adapters import params as param_groups
+
+CFG = models.preset("tiny", num_layers=1, adapter=AdapterConfig(
+    kind="mhr", n_tasks=3, n_skills=2, n_splits=2, rank=2, target_modules=r".*/(q|wi_1)"))
+OPT_CFG = optim.OptimizerConfig(name="adafactor", adapter_lr=3e-3, routing_lr=0.3,
+                                schedule="linear", warmup_steps=1, clip_norm=1.0)
+N_PAIRS, STEPS, B = 3, 3, 4
+
+
+def _params(cfg=CFG, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.2).astype(np.float32),
+                      param_groups.abstract_params(cfg))
+
+
+def _pair_batches(n_pairs, steps, seed=5, li=6, lt=4):
+  """steps x dict of (N, B, ...) arrays; pairs see different data and padding."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(steps):
+    targets = rng.integers(2, CFG.vocab_size, (n_pairs, B, lt)).astype(np.int32)
+    targets[:, 0, rng.integers(1, lt):] = 0
+    out.append({
+        "encoder_input_tokens": rng.integers(2, CFG.vocab_size, (n_pairs, B, li)).astype(np.int32),
+        "decoder_target_tokens": targets,
+        "decoder_input_tokens": np.concatenate(
+            [np.zeros((n_pairs, B, 1), np.int32), targets[..., :-1]], -1),
+        "decoder_loss_weights": (targets > 0).astype(np.float32),
+        "task_ids": np.full((n_pairs, B), 7, np.int32)})   # original ids; adaptation uses 0
+  return out
+
+
+def test_vmapped_pairs_equal_separate_train_step_runs():
+  params = _params()
+  keys = jax.random.split(jax.random.key(42), N_PAIRS)
+  batches = _pair_batches(N_PAIRS, STEPS)
+  result = adaptation.adapt("mhr", CFG, params, OPT_CFG, losses.LossConfig(),
+                            lambda s: batches[s], keys, STEPS)
+  assert result.model_cfg.adapter.n_tasks == 1
+  assert result.losses.shape == (STEPS, N_PAIRS)
+  assert result.best_step.tolist() == [STEPS] * N_PAIRS
+  # The reference: each pair on its own through the ordinary (unvmapped) train step.
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(), devices=jax.devices()[:1])
+  model = models.T5(result.model_cfg)
+  step_fn = None
+  for i in range(N_PAIRS):
+    cfg_i, p_i = transforms.add_task_rows(CFG, params, 1, jax.random.fold_in(keys[i], 0))
+    cfg_i, p_i = transforms.select_task_rows(cfg_i, p_i, [CFG.adapter.n_tasks])
+    labels = param_groups.param_labels(p_i, "mhr")
+    tx = optim.make_optimizer(OPT_CFG, labels, STEPS)
+    state = ts.init_train_state(model, p_i, labels, tx, mesh)
+    if step_fn is None:
+      step_fn = ts.make_train_step(model, tx, losses.LossConfig(), mesh, ts.shardings_of(state))
+    for s in range(STEPS):
+      batch = {k: v[i] for k, v in batches[s].items()}
+      batch["task_ids"] = np.zeros((B,), np.int32)
+      rng = jax.random.fold_in(jax.random.fold_in(keys[i], 1), s)
+      state, metrics = step_fn(state, batch, rng)
+      np.testing.assert_allclose(result.losses[s, i], metrics["loss"], rtol=0, atol=1e-5)
+    ours = traverse_util.flatten_dict(result.pair_params(i))
+    ref = traverse_util.flatten_dict(jax.tree.map(np.asarray, state.params))
+    assert ours.keys() == ref.keys()
+    for path in ref:
+      np.testing.assert_allclose(np.asarray(ours[path]), ref[path], rtol=0, atol=1e-5,
+                                 err_msg=f"pair {i} {'/'.join(path)}")
+  # Pairs really differ (own rows, own data), and training moved them.
+  z = [result.pair_params(i)["encoder"]["block_0"]["self_attention"]["q"]["routing"]["logits"]
+       for i in range(N_PAIRS)]
+  assert not np.allclose(z[0], z[1])
+  assert not np.allclose(result.losses[0], result.losses[0, 0])
+
+
+def test_mhr_z_sequential_with_best_on_dev_selection():
+  params = _params()
+  keys = jax.random.split(jax.random.key(0), 2)
+  batches = _pair_batches(2, STEPS, seed=9)
+  dev = _pair_batches(2, 1, seed=11)
+  result = adaptation.adapt("mhr-z", CFG, params, OPT_CFG, losses.LossConfig(),
+                            lambda s: batches[s], keys, STEPS, dev_batches=dev, eval_every=1,
+                            sequential=True)
+  flat_labels = traverse_util.flatten_dict(result.labels)
+  assert {g for p, g in flat_labels.items() if p[-1] in ("lora_a", "lora_b")} == {"frozen"}
+  assert set(traverse_util.flatten_dict(result.trainable)) == \
+      {p for p, g in flat_labels.items() if g == "routing"}
+  # The inventory is shared and unchanged; only the new routing row moved.
+  q = ("encoder", "block_0", "self_attention", "q")
+  np.testing.assert_array_equal(
+      traverse_util.flatten_dict(result.frozen)[q + ("lora_a",)],
+      traverse_util.flatten_dict(params)[q + ("lora_a",)])
+  # Best-on-dev: the kept step has the lowest dev loss, and the kept params reproduce it.
+  assert result.dev_losses.shape == (STEPS, 2)
+  np.testing.assert_array_equal(result.best_step, result.dev_losses.argmin(0) + 1)
+  evaluate = adaptation.make_adaptation_eval(models.T5(result.model_cfg), losses.LossConfig())
+  kept = adaptation.dev_loss(evaluate, result.frozen, result.trainable, dev, result.model_cfg)
+  np.testing.assert_allclose(kept, result.dev_losses.min(0), rtol=1e-5)
+  # The same pairs vmapped on a sharded mesh (base over 'model', batches over 'data') train
+  # identically to the sequential single-device runs.
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=1, model=2),
+                                devices=jax.devices()[:4])
+  sharded = adaptation.adapt("mhr-z", CFG, params, OPT_CFG, losses.LossConfig(),
+                             lambda s: batches[s], keys, STEPS, mesh=mesh)
+  np.testing.assert_allclose(sharded.losses, result.losses, rtol=0, atol=1e-5)
+  kernel = sharded.frozen["encoder"]["block_0"]["self_attention"]["q"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+
+
+@pytest.mark.parametrize("method,kind,trained_leaves", [
+    ("mhr-mu", "mhr", {"lora_a", "lora_b"}),
+    ("poly", "poly", {"lora_a", "lora_b", "logits"}),
+    ("lora", "lora", {"lora_a", "lora_b"}),
+    ("ia3", "ia3", {"ia3_scale"}),
+    ("full", "none", {"kernel", "embedding", "scale", "rel_embedding"}),
+])
+def test_prepare_pairs_per_method(method, kind, trained_leaves):
+  adapter = CFG.adapter.replace(kind=kind, n_splits=1 if kind in ("poly",) else
+                                CFG.adapter.n_splits,
+                                target_modules=None if kind == "ia3" else CFG.adapter.target_modules)
+  cfg = CFG.replace(adapter=adapter)
+  keys = jax.random.split(jax.random.key(1), 2)
+  new_cfg, labels, frozen, trainable = adaptation.prepare_pairs(method, cfg, _params(cfg), keys)
+  leaves = traverse_util.flatten_dict(trainable)
+  assert {p[-1] for p in leaves} == trained_leaves
+  assert all(v.shape[0] == 2 for v in leaves.values())
+  if method == "mhr-mu":
+    assert new_cfg.adapter.kind == "lora" and not any("routing" in p for p in leaves)
+  if method == "poly":
+    z = [v for p, v in leaves.items() if p[-1] == "logits"][0]
+    assert z.shape[1] == 1 and not np.allclose(z[0], z[1])   # one fresh row, drawn per pair
+  if method != "full":
+    assert traverse_util.flatten_dict(frozen)   # the base is shared, not stacked
+
+
+def test_bad_method_is_rejected():
+  with pytest.raises(ValueError, match="adaptation method='mhr-x'"):
+    adaptation.prepare_pairs("mhr-x", CFG, _params(), jax.random.split(jax.random.key(0), 1))

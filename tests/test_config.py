@@ -1,0 +1,172 @@
+"""Gin configuration: every shipped config parses, eager one-line validation, run-directory compatibility."""
+import glob
+import os
+
+import gin
+import pytest
+
+from mhr_jax import config as config_lib
+
+REPO = config_lib.REPO_ROOT
+
+
+def _load(files, bindings=()):
+  config_lib.parse_gin(files, list(bindings))
+  return config_lib.load_config()
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  yield
+  gin.clear_config()
+
+
+def test_tiny_config_contract(tmp_path):
+  cfg = _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 7"])
+  assert cfg.run.model_dir == str(tmp_path)
+  assert cfg.run.train_steps == 7
+  assert cfg.run.log_every == 1 and cfg.run.checkpoint_every <= 5
+  assert cfg.model.adapter.kind == "mhr" and cfg.model.adapter.routed
+  assert (cfg.model.d_model, cfg.model.num_layers) == (32, 2)  # the tiny preset
+  assert cfg.data.source == "synthetic" and cfg.data.vocabulary == "byte"
+  assert cfg.optimizer.routing_lr == pytest.approx(100 * cfg.optimizer.adapter_lr)
+  # The file starts with the command that runs it.
+  with open(os.path.join(REPO, "configs/tiny.gin")) as f:
+    head = f.read(400)
+  assert "python -m mhr_jax.train --gin_file=configs/tiny.gin --gin.MODEL_DIR=" in head
+
+
+def _configs(*patterns):
+  return sorted(os.path.relpath(p, REPO) for pattern in patterns
+                for p in glob.glob(os.path.join(REPO, "configs", pattern)))
+
+
+@pytest.mark.parametrize("path", _configs("tiny.gin", "experiments/*.gin", "adapt/tiny.gin"))
+def test_every_config_parses(path, tmp_path):
+  """Each complete config parses and builds valid dataclasses (data paths stubbed)."""
+  # Required user paths (macros the configs leave at %gin.REQUIRED) point at an empty directory.
+  bindings = [f"{macro} = '{tmp_path}'"
+              for macro in ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT", "PRETRAIN_DIR")] + ["TRAIN_STEPS = 10"]
+  cfg = _load([path], bindings)
+  assert cfg.run.train_steps == 10
+  with open(os.path.join(REPO, path)) as f:
+    head = f.read(600)
+  if not path.endswith("_common.gin"):
+    assert f"python -m mhr_jax.train --gin_file={path}" in head  # starts with the command that runs it
+
+
+@pytest.mark.parametrize("path", _configs("models/*.gin"))
+def test_model_sizes(path, tmp_path):
+  cfg = _load(["configs/tiny.gin", path], [f"MODEL_DIR = '{tmp_path}'"])
+  assert cfg.model_cfg.preset == os.path.basename(path)[:-4]
+  assert cfg.model.d_model >= 32
+
+
+def test_paper_settings(tmp_path):
+  bindings = [f"{m} = '{tmp_path}'" for m in ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT")]
+  t0 = _load(["configs/experiments/t0_mhr.gin"], bindings)
+  assert (t0.model.adapter.kind, t0.model.adapter.rank, t0.model.adapter.n_skills) == ("mhr", 1, 8)
+  assert t0.model.adapter.n_tasks == 313 and not t0.model.adapter.gumbel
+  assert t0.model.adapter.targets("decoder/block_3/mlp/wi_1")
+  assert (t0.data.input_len, t0.data.target_len, t0.run.train_steps) == (256, 256, 100000)
+  assert (t0.optimizer.adapter_lr, t0.optimizer.routing_lr, t0.optimizer.clip_norm) == (1e-3, 0.1, 1.0)
+  assert t0.optimizer.name == "adafactor" and t0.optimizer.warmup_fraction == 0.06
+  sni = _load(["configs/experiments/superni_mhr.gin"], bindings + ["TRAIN_STEPS = 5"])
+  assert (sni.model.adapter.rank, sni.model.adapter.n_tasks, sni.model.adapter.gumbel) == (16, 756, True)
+  assert sni.model.adapter.targets("encoder/block_0/self_attention/k")
+  assert not sni.model.adapter.targets("encoder/block_0/mlp/wo")
+  assert (sni.data.input_len, sni.data.target_len, sni.loss.label_smoothing) == (1024, 128, 0.1)
+  assert sni.data.max_train_instances == 100
+
+
+def test_methods_select_their_adapter(tmp_path):
+  kinds = {}
+  for name in ("poly", "mhr", "lora", "private_lora", "ia3", "full"):
+    cfg = _load(["configs/tiny.gin", f"configs/methods/{name}.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+    kinds[name] = (cfg.model.adapter.kind, cfg.model.adapter.n_splits)
+  assert {name: kind for name, (kind, _) in kinds.items()} == {
+      "poly": "poly", "mhr": "mhr", "lora": "lora", "private_lora": "private_lora", "ia3": "ia3",
+      "full": "none"}
+  assert kinds["poly"][1] == 1 and kinds["mhr"][1] == 8  # Poly is MHR with one head
+
+
+@pytest.mark.parametrize("method, pretrain_method", [
+    ("poly", "poly"), ("mhr", "mhr"), ("poly_z", "poly"), ("mhr_z", "mhr"), ("poly_mu", "poly"),
+    ("mhr_mu", "mhr"), ("lora", "lora"), ("ia3", "ia3"), ("private_lora", "private_lora"), ("full", "mhr")])
+def test_adapt_configs(method, pretrain_method, tmp_path):
+  files = ["configs/tiny.gin", f"configs/methods/{pretrain_method}.gin", f"configs/adapt/{method}.gin"]
+  cfg = _load(files, [f"MODEL_DIR = '{tmp_path}/a'", f"PRETRAIN_DIR = '{tmp_path}/p'"])
+  assert cfg.run.mode == "adapt" and cfg.run.pretrain_dir == f"{tmp_path}/p"
+  assert cfg.adapt.method == method.replace("_z", "-z").replace("_mu", "-mu")
+  assert cfg.run.train_steps == 1000 and cfg.data.batch_size == 8  # the paper's T0 adaptation
+  if method not in ("lora", "full"):  # full fine-tuning starts from any kind
+    with pytest.raises(config_lib.ConfigError, match=r"^AdaptConfig.method=.* starts from a pre-trained"):
+      _load(["configs/tiny.gin", "configs/methods/lora.gin", f"configs/adapt/{method}.gin"],
+            [f"MODEL_DIR = '{tmp_path}/a'", f"PRETRAIN_DIR = '{tmp_path}/p'"])
+
+
+@pytest.mark.parametrize("binding, expected", [
+    ("RunConfig.trainsteps = 3", "RunConfig' doesn't have a parameter named 'trainsteps'"),
+    ("Nope.x = 3", "No configurable matching 'Nope'"),
+    ("MODEL_DIR = /tmp/x", "strings need quotes"),
+    ("RunConfig.train_steps = 0", "RunConfig.train_steps=0: must be >= 1"),
+    ("AdapterConfig.kind = 'moe'", "adapter.kind='moe'"),
+    ("OptimizerConfig.schedule = 'step'", "OptimizerConfig.schedule='step'"),
+    ("ModelConfig.overrides = {'d_modle': 8}", "unknown T5Config field(s) ['d_modle']"),
+    ("DataConfig.host_input = 'all'", "DataConfig.host_input='all'"),
+    ("RunConfig.mode = 'adapt'", "RunConfig.mode='adapt' needs RunConfig.pretrain_dir"),
+])
+def test_bad_values_are_one_line_errors(binding, expected, tmp_path):
+  with pytest.raises(config_lib.ConfigError) as info:
+    _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", binding])
+  message = str(info.value)
+  assert expected in message
+  assert "\n" not in message
+  if "=" in binding and "MODEL_DIR" not in binding and "overrides" not in binding:
+    assert binding.split("=")[0].strip().split(".")[-1] in message  # names the key
+
+
+def test_missing_model_dir_and_file():
+  with pytest.raises(config_lib.ConfigError, match=r"^MODEL_DIR is required: pass --gin.MODEL_DIR="):
+    _load(["configs/tiny.gin"])
+  with pytest.raises(config_lib.ConfigError, match=r"^--gin_file=configs/nope.gin: not found"):
+    _load(["configs/nope.gin"])
+
+
+def test_search_paths_and_includes(tmp_path):
+  (tmp_path / "mine.gin").write_text("include 'configs/tiny.gin'\nRunConfig.log_every = 3\n")
+  config_lib.parse_gin(["mine.gin"], [f"MODEL_DIR = '{tmp_path}'"], search_paths=[str(tmp_path)])
+  cfg = config_lib.load_config()
+  assert cfg.run.log_every == 3 and cfg.model.adapter.kind == "mhr"
+
+
+def test_model_section_resolves_macros():
+  text = ("# Macros:\nS = 4\nMODEL_DIR = '/a'\n\n# Parameters for AdapterConfig:\n"
+          "AdapterConfig.n_splits = %S\nAdapterConfig.kind = 'mhr'\n"
+          "# Parameters for RunConfig:\nRunConfig.model_dir = %MODEL_DIR\n")
+  assert config_lib.model_section(text) == {"AdapterConfig.n_splits": "4", "AdapterConfig.kind": "'mhr'"}
+
+
+def test_check_run_dir(tmp_path):
+  _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+  saved = config_lib.operative_config()
+  (tmp_path / "config.gin").write_text(saved)
+  # Same model, other run settings (steps, logging): compatible.
+  _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 99",
+                               "RunConfig.log_every = 10"])
+  config_lib.check_run_dir(str(tmp_path), config_lib.operative_config())
+  # A different adapter: refused, naming the key and both values.
+  _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "AdapterConfig.n_splits = 2"])
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.check_run_dir(str(tmp_path), config_lib.operative_config())
+  assert "AdapterConfig.n_splits: saved 4, now 2" in str(info.value)
+  assert "\n" not in str(info.value)
+  assert (tmp_path / "config.gin").read_text() == saved
+
+
+def test_operative_config_has_one_binding_per_line(tmp_path):
+  _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+  text = config_lib.operative_config()
+  assert "AdapterConfig.n_splits = 4" in text
+  assert "RunConfig.checkpoint_every = 5" in text
+  assert max(len(line) for line in text.splitlines()) < 200

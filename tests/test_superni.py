@@ -1,0 +1,156 @@
+"""Super-NaturalInstructions loader on small clones written in the real format."""
+import json
+import os
+
+import numpy as np
+import pytest
+import seqio
+
+import fixtures_formats as ff
+from mhr_jax import data
+from tasks import superni
+
+TRAIN = ["task001_copy", "task002_more", "task003_small"]
+TEST = ["task010_heldout"]
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ni")
+  tasks = {"task001_copy": ff.superni_task("task001_copy", 130),
+           "task002_more": ff.superni_task("task002_more", 260, definition="Answer the question"),
+           "task003_small": ff.superni_task("task003_small", 60),
+           "task010_heldout": ff.superni_task("task010_heldout", 240, outputs_per_instance=3)}
+  return ff.write_superni_clone(root, tasks, TRAIN, TEST)
+
+
+@pytest.fixture(scope="module")
+def vocab():
+  return data.get_vocabulary("byte")
+
+
+def test_instance_splits_protocol(clone):
+  ids = [f"task010-{i:04x}" for i in range(240)]
+  s13 = superni.instance_splits(clone, "task010_heldout", 16, 13)
+  s42 = superni.instance_splits(clone, "task010_heldout", 16, 42)
+  assert s13["test"] == s42["test"] == ids[:100]
+  for s in (s13, s42):
+    assert len(s["train"]) == len(s["dev"]) == 16
+    assert not set(s["train"]) & set(s["dev"])
+    assert not (set(s["train"]) | set(s["dev"])) & set(s["test"])
+  assert s13 == superni.instance_splits(clone, "task010_heldout", 16, 13)
+  assert s13["train"] != s42["train"]
+  order = np.random.default_rng(13).permutation(140)  # the documented draw, over instances 100..239
+  assert s13["train"] == [ids[100 + i] for i in order[:16]]
+  assert s13["dev"] == [ids[100 + i] for i in order[16:32]]
+
+
+def test_instance_splits_too_few_names_task_and_counts(clone):
+  with pytest.raises(ValueError, match=r"'task010_heldout'.*240 instances leave 140 .* k=100 need 200"):
+    superni.instance_splits(clone, "task010_heldout", 100, 13)
+
+
+def test_format_input_follows_tk_instruct(clone):
+  task = superni.load_task(clone, "task002_more")
+  assert superni.format_input(task, " what is it ") == (
+      "Definition: Answer the question.\n\n"
+      "Now complete the following example -\nInput: what is it.\nOutput: ")
+  two = superni.format_input(task, "q?", num_pos_examples=2)
+  assert two == (
+      "Definition: Answer the question.\n\n"
+      " Positive Example 1 -\nInput: first example.\n Output: first answer.\n\n"
+      " Positive Example 2 -\nInput: second example.\n Output: second answer!\n\n"
+      "Now complete the following example -\nInput: q?\nOutput: ")
+  one_fits = lambda text: len(text) <= len(two) - 10
+  assert superni.format_input(task, "q?", 2, fits=one_fits).count("Positive Example") == 1
+
+
+def test_register_tasks_ids_splits_and_references(clone, vocab):
+  reg = superni.register_superni(clone, vocab, fewshot_ks=(16,), fewshot_seeds=(13, 42))
+  assert reg.tasks == {n: f"superni_{n}" for n in TRAIN + TEST}
+  assert reg.task_ids == {"task001_copy": 0, "task002_more": 1, "task003_small": 2, "task010_heldout": 3}
+  assert reg.mixtures == {"superni_train": tuple(TRAIN), "superni_test": tuple(TEST)}
+  assert len(seqio.get_mixture_or_task("superni_train").tasks) == 3
+
+  test = data.eval_examples("superni_task010_heldout", "test")
+  assert [ex["instance_id"] for ex in test] == [f"task010-{i:04x}" for i in range(100)]
+  assert test[5]["references"] == ["output 5", "alt 1 of 5", "alt 2 of 5"]
+  assert test[5]["targets"] == "output 5" and test[5]["task_id"] == 3
+  assert test[5]["inputs"].endswith("Input: input 5.\nOutput: ")
+
+  fewshot = data.eval_examples("superni_task010_heldout", "train_k16_seed42")
+  assert [ex["instance_id"] for ex in fewshot] == superni.instance_splits(
+      clone, "task010_heldout", 16, 42)["train"]
+  train = data.eval_examples("superni_task002_more", "train")
+  assert len(train) == 100 and all(int(ex["instance_id"].split("-")[1], 16) >= 100 for ex in train)
+  assert len(data.eval_examples("superni_task001_copy", "train")) == 30
+  # task003_small has all its 60 instances in the test block: rate 0 in the training mixture.
+  mixture = seqio.get_mixture_or_task("superni_train")
+  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+  assert rates == {"superni_task001_copy": 30.0, "superni_task002_more": 100.0, "superni_task003_small": 0.0}
+  with pytest.raises(ValueError, match="'task003_small': split 'train' has no examples"):
+    data.eval_examples("superni_task003_small", "train")
+
+  # Tk-Instruct's budget: positive examples are added only while the input plus EOS fits.
+  task = superni.load_task(clone, "task010_heldout")
+  budget = len(vocab.encode(superni.format_input(task, "input 5", 1))) + 1
+  superni.register_superni(clone, vocab, fewshot_ks=(), input_format=superni.InputFormat(
+      num_pos_examples=2, max_input_tokens=budget))
+  inputs = [ex["inputs"] for ex in data.eval_examples("superni_task010_heldout", "test")]
+  assert inputs[5] == superni.format_input(task, "input 5", 1)
+  assert inputs[50].count("Positive Example") == 0  # "input 50" is one byte longer
+
+  # Re-registration is allowed and replaces; held-out ids can be given.
+  reg2 = superni.register_superni(clone, vocab, heldout_task_ids={"task010_heldout": 7},
+                                  holdout_test_from_train=False)
+  assert reg2.task_ids["task010_heldout"] == 7
+  assert len(data.eval_examples("superni_task003_small", "train")) == 60
+
+
+def test_user_task_list_mixture_and_unknown_task(clone, vocab, tmp_path):
+  good = tmp_path / "my_eval.txt"
+  good.write_text("task010_heldout\ntask001_copy\n")
+  reg = superni.register_superni(clone, vocab, prefix="ni", task_list_files=[str(good)])
+  assert reg.mixtures["ni_my_eval"] == ("task010_heldout", "task001_copy")
+  bad = tmp_path / "bad_list.txt"
+  bad.write_text("task001_copy\ntask999_missing\n")
+  with pytest.raises(ValueError, match=r"bad_list\.txt: unknown SuperNI task 'task999_missing'"):
+    superni.register_superni(clone, vocab, prefix="ni", task_list_files=[str(bad)])
+  with pytest.raises(ValueError, match="no id for held-out task 'task010_heldout'"):
+    superni.register_superni(clone, vocab, prefix="ni", heldout_task_ids={})
+
+
+def _write(clone, name, text):
+  with open(os.path.join(clone, "tasks", f"{name}.json"), "w") as f:
+    f.write(text)
+
+
+def test_bad_inputs_name_file_and_field(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a natural-instructions clone"):
+    superni.load_task(str(tmp_path / "nowhere"), "task001_copy")
+  clone = ff.write_superni_clone(tmp_path / "ni", {"task001_copy": ff.superni_task("task001_copy", 5)},
+                                 ["task001_copy"], [""])
+  with pytest.raises(ValueError, match=r"test_tasks\.txt: task list is empty"):
+    superni.register_superni(clone, data.get_vocabulary("byte"))
+  with pytest.raises(ValueError, match="unknown SuperNI task 'task404_x'"):
+    superni.instance_splits(clone, "task404_x", 1, 0)
+  _write(clone, "task100_broken", '{"Definition": ["x"], ')
+  with pytest.raises(ValueError, match=r"task100_broken\.json: malformed JSON"):
+    superni.load_task(clone, "task100_broken")
+  empty = ff.superni_task("task101_empty", 0)
+  _write(clone, "task101_empty", json.dumps(empty))
+  with pytest.raises(ValueError, match=r"task101_empty\.json: task has no instances"):
+    superni.load_task(clone, "task101_empty")
+  missing = ff.superni_task("task102_missing", 3)
+  del missing["Instances"][1]["output"]
+  _write(clone, "task102_missing", json.dumps(missing))
+  with pytest.raises(ValueError, match=r"task102_missing\.json: Instances\[1\] is missing field 'output'"):
+    superni.load_task(clone, "task102_missing")
+  no_def = ff.superni_task("task103_nodef", 3)
+  del no_def["Definition"]
+  _write(clone, "task103_nodef", json.dumps(no_def))
+  with pytest.raises(ValueError, match=r"task103_nodef\.json: missing field 'Definition'"):
+    superni.load_task(clone, "task103_nodef")
+  os.remove(os.path.join(clone, "splits", "default", "test_tasks.txt"))
+  with pytest.raises(FileNotFoundError, match=r"test_tasks\.txt: task list file not found"):
+    superni.register_superni(clone, data.get_vocabulary("byte"))
