@@ -15,6 +15,7 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import tqdm
 
 from mhr_jax.models.config import T5Config
@@ -65,6 +66,26 @@ def peak_flops_per_device(device=None) -> float | None:
     if kind.startswith(prefix):
       return flops
   return None
+
+
+def measured_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """The machine's float32 matmul FLOP/s, measured: the CPU peak has no datasheet value here."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    matmul(a).block_until_ready()
+  return 2.0 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops_total() -> float:
+  """Peak FLOP/s of all devices for MFU: the datasheet peak times the device count on accelerators;
+  on CPU the measured matmul rate of the whole machine (simulated CPU devices share its cores)."""
+  if jax.devices()[0].platform == "cpu":
+    return measured_cpu_matmul_flops()
+  peak = peak_flops_per_device()
+  return peak * jax.device_count() if peak else None
 
 
 def train_flops_per_step(cfg: T5Config, batch_size: int, input_len: int, target_len: int,

@@ -32,7 +32,7 @@ from mhr_jax import config as config_lib
 from mhr_jax import models, optim, partitioning, train_step
 from mhr_jax.adapters import params as params_lib
 from mhr_jax.logging_utils import (MetricsJsonl, TensorBoard, Throughput, banner, format_metrics, log,
-                                   peak_flops_per_device, progress_bar, setup_console,
+                                   peak_flops_total, progress_bar, setup_console,
                                    train_flops_per_step)
 from mhr_jax.run_checkpoints import (RunCheckpointer, StopSignal, latest_step, restore_params,
                                      write_json_atomic, write_text_atomic)
@@ -343,10 +343,9 @@ def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
                                        grad_accum_steps=cfg.optimizer.grad_accum_steps)
   flops = train_flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.input_len, cfg.data.target_len,
                                trains_base=counts.get("base", 0) > 0)
-  peak = peak_flops_per_device()
   sink = MetricsSink(cfg, MetricsJsonl(os.path.join(model_dir, "metrics.jsonl"), start if start else None),
                      TensorBoard(os.path.join(model_dir, "tb")),
-                     Throughput(flops, peak * jax.device_count() if peak else None))
+                     Throughput(flops, peak_flops_total()))
   stop = StopSignal()
 
   def progress_of(step):  # the data position: one batch per step
