@@ -271,5 +271,10 @@ def test_throughput_and_mfu(monkeypatch):
   meter.add(1, 100.0)
   out = meter.measure()
   assert out == {"step_time_s": 1.0, "steps_per_s": 1.0, "tokens_per_s": 200.0, "mfu": 0.5}
+
+
+def test_cpu_mfu_uses_measured_matmul_rate():
+  from mhr_jax import logging_utils
   assert logging_utils.peak_flops_per_device() is None  # CPU: no datasheet peak ...
-  assert logging_utils.peak_flops_total() > 1e8          # ... so MFU uses the measured matmul rate
+  peak = logging_utils.peak_flops_total()                # ... so the measured matmul rate stands in
+  assert 1e8 < peak < 1e13
