@@ -79,7 +79,7 @@ def measured_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2.0 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
-def peak_flops_total() -> float:
+def peak_flops_total() -> float | None:
   """Peak FLOP/s of all devices for MFU: the datasheet peak times the device count on accelerators;
   on CPU the measured matmul rate of the whole machine (simulated CPU devices share its cores)."""
   if jax.devices()[0].platform == "cpu":
