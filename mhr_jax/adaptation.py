@@ -160,7 +160,7 @@ def dev_loss(evaluate, frozen, trainable, dev_batches, model_cfg) -> np.ndarray:
 
 
 def _run_pairs(step_fn, init_fn, evaluate, model_cfg, frozen, trainable, keys, get_batch, *,
-               num_steps, dev_batches, eval_every, mesh):
+               num_steps, dev_batches, eval_every, mesh, progress):
   """The training loop over stacked pairs; returns (trainable, losses, dev_losses, best_step)."""
   place = lambda tree, sharding: tree if mesh is None else jax.device_put(tree, sharding)
   pair_batch_sharding = (None if mesh is None
@@ -176,6 +176,8 @@ def _run_pairs(step_fn, init_fn, evaluate, model_cfg, frozen, trainable, keys, g
     batch = place(_pair_batch(get_batch(step), model_cfg), pair_batch_sharding)
     trainable, opt_state, metrics = step_fn(frozen, trainable, opt_state, batch, keys, step)
     train_losses.append(metrics["loss"])
+    if progress is not None:
+      progress(1)
     if selecting and ((step + 1) % eval_every == 0 or step + 1 == num_steps):
       dev = dev_loss(evaluate, frozen, trainable, dev_batches, model_cfg)
       dev_losses.append(dev)
@@ -197,7 +199,7 @@ def _run_pairs(step_fn, init_fn, evaluate, model_cfg, frozen, trainable, keys, g
 def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.OptimizerConfig,
           loss_cfg: losses.LossConfig, get_batch: BatchFn, keys: jax.Array, num_steps: int, *,
           dev_batches=None, eval_every: int = 0, sequential: bool | None = None,
-          mesh=None) -> AdaptationResult:
+          mesh=None, progress: Callable[[int], Any] | None = None) -> AdaptationResult:
   """Adapts N (task, seed) pairs at once.
 
   Args:
@@ -206,31 +208,37 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
     get_batch: step -> dict of numpy arrays with leaves (N, B, ...), pair i's batch at index i
       (task ids are replaced by 0 for the adapted model).
     keys: (N,) PRNG keys (e.g. jax.random.key(seed) folded with the task index).
-    num_steps: updates per pair.
+    num_steps: updates per pair; 0 returns the pairs' starting points untrained (zero-shot evaluation
+      of e.g. the skill-averaged "-mu" model, which equals uniform routing).
     dev_batches: optional list of pair batches (N, B, ...); with eval_every > 0 the parameters
       with the lowest dev loss (checked every eval_every steps and at the end) are returned.
     sequential: run pairs one at a time (default: only for "full").
     mesh: optional; the frozen base is sharded by LOGICAL_RULES, pair states replicated, each
       pair's batch split over ('data', 'fsdp').
+    progress: optional callable(1) after every step of every pair group (a progress bar's update;
+      sequential runs make num_steps steps per pair).
   """
   method = _method(method)
-  if num_steps < 1:
-    raise ValueError(f"adaptation num_steps={num_steps}: must be >= 1")
+  if num_steps < 0:
+    raise ValueError(f"adaptation num_steps={num_steps}: must be >= 0")
   keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
   cfg, labels, frozen, trainable = prepare_pairs(method, model_cfg, params, keys)
   model = models.T5(cfg)
-  optimizer = optim.make_optimizer(opt_cfg, labels, num_steps)
   if mesh is not None:
     shardings = partitioning.param_shardings(ts.abstract_boxed_params(model), mesh)
     _, frozen_shardings = param_groups.partition(shardings, labels)
     frozen = jax.device_put(frozen, frozen_shardings)
+  if num_steps == 0:
+    return AdaptationResult(cfg, labels, frozen, trainable, np.zeros((0, len(keys)), np.float32), None,
+                            np.zeros((len(keys),), np.int64))
+  optimizer = optim.make_optimizer(opt_cfg, labels, num_steps)
   sequential = (method == "full") if sequential is None else sequential
   # Built once: sequential pairs reuse the same compiled programs.
   step_fn = make_adaptation_step(model, optimizer, loss_cfg,
                                  grad_accum_steps=opt_cfg.grad_accum_steps)
   run = functools.partial(_run_pairs, step_fn, jax.jit(jax.vmap(optimizer.init)),
                           make_adaptation_eval(model, loss_cfg), cfg, frozen,
-                          num_steps=num_steps, eval_every=eval_every, mesh=mesh)
+                          num_steps=num_steps, eval_every=eval_every, mesh=mesh, progress=progress)
   groups = [slice(0, len(keys))] if not sequential else [slice(i, i + 1) for i in range(len(keys))]
   outs = []
   with contextlib.ExitStack() as stack:

@@ -95,6 +95,7 @@ class DataConfig:
       synthetic suite (tasks/synthetic.py).
     max_train_instances: SuperNI instances per training task (METHODS.md: <= 100).
     prompt, num_pos_examples: SuperNI input format ("tk_instruct" or "input_only").
+    catalog: the T0 dataset/template list (source "t0"); None: tasks/t0_datasets.json.
   """
   source: str = "synthetic"
   task: str = "synthetic_train"
@@ -113,6 +114,7 @@ class DataConfig:
   max_train_instances: int = 100
   prompt: str = "tk_instruct"
   num_pos_examples: int = 0
+  catalog: str | None = None
 
   def __post_init__(self):
     _check([
@@ -128,6 +130,9 @@ class DataConfig:
     ])
     if self.source != "synthetic" and not os.path.isdir(self.data_dir):
       raise ConfigError(f"DataConfig.data_dir={self.data_dir!r}: no such directory")
+    if self.catalog is not None and (self.source != "t0" or not os.path.isfile(self.catalog)):
+      raise ConfigError(f"DataConfig.catalog={self.catalog!r}: " + (
+          "no such file" if self.source == "t0" else "only used with DataConfig.source='t0'"))
 
 
 @gin.configurable
@@ -166,7 +171,9 @@ class RunConfig:
   def __post_init__(self):
     _check([
         (bool(self.model_dir), "RunConfig.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\""),
-        (self.train_steps >= 1, f"RunConfig.train_steps={self.train_steps}: must be >= 1"),
+        (self.train_steps >= (0 if self.mode == "adapt" else 1),
+         f"RunConfig.train_steps={self.train_steps}: must be >= 1 (>= 0 with mode 'adapt': 0 evaluates "
+         "the adapted starting point zero-shot)"),
         (self.log_every >= 1, f"RunConfig.log_every={self.log_every}: must be >= 1"),
         (self.checkpoint_every >= 1,
          f"RunConfig.checkpoint_every={self.checkpoint_every}: must be >= 1"),
@@ -191,23 +198,33 @@ class AdaptConfig:
 
   Every pair trains its own copy of the adapter state for RunConfig.train_steps steps on its k-shot
   split (DataConfig.batch_size examples per step) as one vmapped program (mhr_jax/adaptation.py), then
-  is evaluated on the task's test split by greedy decoding (ROUGE-L and exact match, SuperNI's metrics).
+  is evaluated on the task's test data: SuperNI-format sources by greedy decoding (ROUGE-L and exact
+  match), T0 by rank classification of every original-task template (accuracy; median over templates).
 
   Attributes:
     method: one of ADAPT_METHODS. poly/mhr: a fresh routing row per new task, routing and adapters
       train; *-z: only the new routing row trains; *-mu: the skills averaged into one LoRA, which
       trains; lora, ia3, private_lora: those baselines; full: every weight. The pre-trained adapter
       kind must fit (ADAPT_KINDS).
-    tasks: task names (as in the data's task list); empty: every test task of DataConfig.source.
-    shots: training examples per task (k); one of the few-shot splits the data registers.
+    tasks: SuperNI-format sources: task names (as in the data's task list); T0: held-out dataset
+      names of the catalog (e.g. "super_glue/rte"). Empty: every test task / held-out dataset.
+    shots: training examples per task (k) for SuperNI-format sources; one of the few-shot splits the
+      data registers. T0 uses each dataset's T-Few shot count from the catalog instead.
     seeds: split / init seeds; every (task, seed) pair is one independent adaptation.
-    evaluate: decode the test split of every pair after training.
+    evaluate: evaluate every pair on its test data after training.
+    eval_batch_size: examples per evaluation batch (None: DataConfig.batch_size); a multiple of the
+      mesh batch shards.
+    select_every: best-on-dev: every this many steps (and at the end) compute each pair's loss on its
+      dev_k<shots>_seed<seed> split and keep the parameters with the lowest one; 0 (the default) keeps
+      the last step's. SuperNI-format sources only (T-Few's T0 protocol has no dev split).
   """
   method: str = "mhr"
   tasks: tuple = ()
   shots: int = 32
   seeds: tuple = (13, 42, 58)
   evaluate: bool = True
+  eval_batch_size: int | None = None
+  select_every: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -217,6 +234,9 @@ class AdaptConfig:
          f"AdaptConfig.method={self.method!r}: expected one of {ADAPT_METHODS}"),
         (self.shots >= 1, f"AdaptConfig.shots={self.shots}: must be >= 1"),
         (len(self.seeds) >= 1, "AdaptConfig.seeds: give at least one seed"),
+        (self.eval_batch_size is None or self.eval_batch_size >= 1,
+         f"AdaptConfig.eval_batch_size={self.eval_batch_size}: must be >= 1"),
+        (self.select_every >= 0, f"AdaptConfig.select_every={self.select_every}: must be >= 0"),
     ])
 
 
@@ -320,6 +340,9 @@ def load_config(base_model: T5Config | None = None) -> ExperimentConfig:
   if cfg.run.mode == "adapt" and kind not in ADAPT_KINDS[cfg.adapt.method]:
     raise ConfigError(f"AdaptConfig.method={cfg.adapt.method!r} starts from a pre-trained adapter of "
                       f"kind {ADAPT_KINDS[cfg.adapt.method]}, not AdapterConfig.kind={kind!r}")
+  if cfg.run.mode == "pretrain" and cfg.model.adapter.anneal_steps > cfg.run.train_steps:
+    raise ConfigError(f"AdapterConfig.anneal_steps={cfg.model.adapter.anneal_steps} exceeds "
+                      f"RunConfig.train_steps={cfg.run.train_steps}")
   if cfg.run.mode == "pretrain" and cfg.model.adapter.uses_task_ids and cfg.model.adapter.n_tasks < 2:
     raise ConfigError(f"AdapterConfig.n_tasks={cfg.model.adapter.n_tasks}: multi-task "
                       f"pre-training of kind {cfg.model.adapter.kind!r} needs one row per task")

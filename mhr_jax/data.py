@@ -332,7 +332,7 @@ def _warn_truncated(what: str, count: int, total: int, length_name: str, length:
                 length_name, length)
 
 
-def _pad_rows(arrays: Mapping[str, np.ndarray], start: int, batch_size: int, index_key: str) -> dict:
+def _pad_rows(arrays: Mapping[str, np.ndarray], start: int, batch_size: int, index_key: str | None) -> dict:
   """Rows [start, start + batch_size), zero-padded at the end; padded rows get index -1 in index_key."""
   out = {}
   for key, value in arrays.items():
@@ -360,6 +360,28 @@ def generation_batches(examples: Sequence[Mapping], vocabulary: seqio.Vocabulary
             "example_index": np.arange(len(examples), dtype=np.int32)}
   for start in range(0, len(examples), batch_size):
     yield _pad_rows(arrays, start, batch_size, "example_index")
+
+
+def lm_eval_batches(examples: Sequence[Mapping], vocabulary: seqio.Vocabulary, batch_size: int,
+                    input_len: int, target_len: int) -> list[dict[str, np.ndarray]]:
+  """One pass of teacher-forcing batches over `examples` (e.g. a dev split, for its exact loss).
+
+  Returns a list of batches as `train_batches` yields them without packing (B = batch_size):
+  encoder_input_tokens (B, input_len), decoder_input_tokens, decoder_target_tokens (B, target_len) int32, decoder_loss_weights (B, target_len)
+  float32, task_ids (B,) int32. The last batch is padded with rows of zero loss weight.
+  """
+  if not examples:
+    raise ValueError("lm_eval_batches: no examples")
+  inputs = [encode(vocabulary, ex["inputs"], input_len) for ex in examples]
+  targets = [encode(vocabulary, ex["targets"], target_len) for ex in examples]
+  _warn_truncated("dev inputs", sum(t for _, t in inputs), len(inputs), "input_len", input_len)
+  _warn_truncated("dev targets", sum(t for _, t in targets), len(targets), "target_len", target_len)
+  target_tokens = np.stack([t for t, _ in targets])
+  arrays = {"encoder_input_tokens": np.stack([t for t, _ in inputs]),
+            "decoder_input_tokens": _shift_right(target_tokens), "decoder_target_tokens": target_tokens,
+            "decoder_loss_weights": (target_tokens != 0).astype(np.float32),
+            "task_ids": np.asarray([ex["task_id"] for ex in examples], np.int32)}
+  return [_pad_rows(arrays, start, batch_size, None) for start in range(0, len(examples), batch_size)]
 
 
 def rank_classification_rows(examples: Sequence[Mapping], vocabulary: seqio.Vocabulary, input_len: int,

@@ -27,6 +27,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+import tqdm
 
 from mhr_jax import config as config_lib
 from mhr_jax import models, optim, partitioning, train_step
@@ -148,6 +149,11 @@ def make_mesh(cfg: config_lib.ExperimentConfig):
   if batch % jax.process_count():
     raise config_lib.ConfigError(
         f"DataConfig.batch_size={batch} is not divisible by the {jax.process_count()} processes")
+  eval_batch = cfg.adapt.eval_batch_size
+  if cfg.run.mode == "adapt" and eval_batch and eval_batch % shards:
+    raise config_lib.ConfigError(
+        f"AdaptConfig.eval_batch_size={eval_batch} is not divisible by the mesh batch axes "
+        f"(MeshConfig.data x MeshConfig.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
   if batch % accum or (batch // accum) % shards:
     raise config_lib.ConfigError(
         f"OptimizerConfig.grad_accum_steps={accum}: DataConfig.batch_size={batch} must split into "
@@ -161,7 +167,7 @@ def make_mesh(cfg: config_lib.ExperimentConfig):
 def register_data(cfg: config_lib.ExperimentConfig, **fewshot):
   """Registers the SeqIO tasks of DataConfig.source; returns their tasks.*.Registration.
 
-  fewshot: fewshot_ks / fewshot_seeds for the SuperNI-format sources (adaptation splits).
+  fewshot: fewshot_seeds (all sources) and fewshot_ks (SuperNI-format sources) of the adaptation splits.
   """
   from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: only when training)
   d = cfg.data
@@ -185,7 +191,9 @@ def register_data(cfg: config_lib.ExperimentConfig, **fewshot):
         input_format=superni.InputFormat(d.prompt, d.num_pos_examples, d.input_len), **fewshot)
   else:
     from tasks import t0  # pylint: disable=g-import-not-at-top
-    registration = t0.register_t0(d.data_dir, vocabulary)
+    seeds = fewshot.get("fewshot_seeds")
+    registration = t0.register_t0(d.data_dir, vocabulary, catalog_path=d.catalog or t0.CATALOG,
+                                  fewshot_seeds=None if seeds is None else tuple(seeds))
   names = registration.mixtures.get(d.task, ())
   ids = [registration.task_ids[n] for n in names if n in registration.task_ids]
   adapter = cfg.model.adapter
@@ -340,7 +348,8 @@ def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
   batches = host_batches(cfg, skip)
   step_fn = train_step.make_train_step(model, optimizer, cfg.loss, mesh,
                                        train_step.shardings_of(abstract_state),
-                                       grad_accum_steps=cfg.optimizer.grad_accum_steps)
+                                       grad_accum_steps=cfg.optimizer.grad_accum_steps,
+                                       total_steps=total)
   flops = train_flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.input_len, cfg.data.target_len,
                                trains_base=counts.get("base", 0) > 0)
   sink = MetricsSink(cfg, MetricsJsonl(os.path.join(model_dir, "metrics.jsonl"), start if start else None),
@@ -412,71 +421,33 @@ def check_adaptation(cfg: config_lib.ExperimentConfig, config_text: str) -> int:
     raise config_lib.ConfigError(f"RunConfig.pretrain_dir={pre!r}: no checkpoint in "
                                  f"{os.path.join(pre, 'checkpoints')} (run or resume its pre-training first)")
   config_lib.check_run_dir(pre, config_text, fix="adapt with the pre-training run's model config")
-  if cfg.data.source not in ("synthetic", "superni"):
-    raise config_lib.ConfigError(f"DataConfig.source={cfg.data.source!r}: CLI adaptation reads SuperNI-format "
-                                 "tasks ('synthetic' or 'superni')")
+  loss_kind = "tfew" if cfg.data.source == "t0" else "lm"
+  if cfg.loss.kind != loss_kind:
+    raise config_lib.ConfigError(
+        f"LossConfig.kind={cfg.loss.kind!r}: few-shot adaptation on DataConfig.source={cfg.data.source!r} "
+        f"trains with LossConfig.kind={loss_kind!r}")
+  if cfg.adapt.select_every and cfg.data.source == "t0":
+    raise config_lib.ConfigError("AdaptConfig.select_every: the T0 protocol has no dev split (T-Few keeps "
+                                 "the last step); use 0")
   if jax.process_count() > 1:
     raise config_lib.ConfigError("few-shot adaptation runs in one process (its pair batches are host-global)")
   return step
 
 
-class PairBatches:
-  """step -> the N pair streams' next batches stacked (N, B, ...); steps come in order, and with
-  `keep_all` (pairs adapted one after another) every step's batch is kept for the next pair group."""
-
-  def __init__(self, streams, keep_all: bool):
-    self._streams, self._keep_all, self._made, self._next = streams, keep_all, {}, 0
-
-  def __call__(self, step: int):
-    while self._next <= step:
-      rows = [next(s) for s in self._streams]
-      if not self._keep_all:
-        self._made.clear()
-      self._made[self._next] = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-      self._next += 1
-    return self._made[step]
-
-
-def _decode_text(vocabulary, ids) -> str:
-  ids = list(ids)
-  for stop in (vocabulary.eos_id, 0):
-    if stop in ids:
-      ids = ids[:ids.index(stop)]
-  return vocabulary.decode(ids)
-
-
-def evaluate_pair(cfg, model, params, vocabulary, task_name: str) -> dict[str, float]:
-  """Greedy decoding of a task's test split -> SuperNI exact match and ROUGE-L."""
-  from mhr_jax import data, decoding, metrics  # pylint: disable=g-import-not-at-top
-  examples = data.eval_examples(task_name, "test")
-  predictions = [None] * len(examples)
-  for batch in data.generation_batches(examples, vocabulary, cfg.data.batch_size, cfg.data.input_len):
-    task_ids = np.zeros_like(batch["task_ids"]) if model.config.adapter.uses_task_ids else None
-    out = np.asarray(decoding.greedy_decode(model, params, batch["encoder_input_tokens"],
-                                            cfg.data.target_len, task_ids=task_ids))
-    for row, index in zip(out, batch["example_index"]):
-      if index >= 0:
-        predictions[index] = _decode_text(vocabulary, row)
-  return metrics.superni_metrics(predictions, [ex["references"] for ex in examples])
-
-
 def adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, pretrain_step: int) -> int:
   """Adapts every (task, seed) pair from the pre-trained checkpoint, evaluates, writes the results."""
-  from mhr_jax import adaptation, data  # pylint: disable=g-import-not-at-top
-  a, d, run_cfg, model_dir = cfg.adapt, cfg.data, cfg.run, cfg.run.model_dir
+  from mhr_jax import adaptation, fewshot_benchmarks  # pylint: disable=g-import-not-at-top
+  a, run_cfg, model_dir = cfg.adapt, cfg.run, cfg.run.model_dir
   start_time = time.time()
   write_text_atomic(os.path.join(model_dir, "config.gin"), config_text)
 
   banner("data")
-  registration, vocabulary = register_data(cfg, fewshot_ks=(a.shots,), fewshot_seeds=a.seeds)
-  tasks = list(a.tasks) or list(registration.mixtures[f"{d.source}_test"])
-  unknown = [t for t in tasks if t not in registration.tasks]
-  if unknown:
-    raise config_lib.ConfigError(f"AdaptConfig.tasks: unknown task(s) {unknown} in {d.source}")
-  pairs = [(t, seed) for t in tasks for seed in a.seeds]
-  streams = [data.train_batches(registration.tasks[t], f"train_k{a.shots}_seed{seed}", d.batch_size,
-                                d.input_len, d.target_len, seed=seed) for t, seed in pairs]
-  log.info("%d pairs: %d task(s) x seeds %s, %d shots each", len(pairs), len(tasks), list(a.seeds), a.shots)
+  fewshot = {"fewshot_seeds": a.seeds} if cfg.data.source == "t0" else {"fewshot_ks": (a.shots,),
+                                                                        "fewshot_seeds": a.seeds}
+  registration, vocabulary = register_data(cfg, **fewshot)
+  benchmark = fewshot_benchmarks.fewshot_pairs(cfg, registration, vocabulary)
+  pairs = benchmark.pairs
+  log.info("%d pairs: %s", len(pairs), benchmark.description)
 
   banner("state")
   params = restore_params(os.path.join(run_cfg.pretrain_dir, "checkpoints"), pretrain_step)
@@ -484,43 +455,66 @@ def adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, pretrain_ste
   keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(seed), i) for i, (_, seed) in enumerate(pairs)])
 
   banner("loop")
-  result = adaptation.adapt(a.method, cfg.model, params, cfg.optimizer, cfg.loss,
-                            PairBatches(streams, keep_all=a.method == "full"), keys, run_cfg.train_steps,
-                            mesh=mesh)
+  steps = run_cfg.train_steps
+  if not steps:
+    log.info("RunConfig.train_steps=0: evaluating the %s starting point zero-shot", a.method)
+  batches = (fewshot_benchmarks.PairBatches(benchmark.train_streams(), keep_all=a.method == "full")
+             if steps else None)
+  dev_batches = benchmark.dev_batches() if a.select_every and steps else None
+  if dev_batches:
+    log.info("best-on-dev: every %d steps on %d dev batches per pair", a.select_every, len(dev_batches))
+  bar = progress_bar(0, steps * (len(pairs) if a.method == "full" else 1))
+  try:
+    result = adaptation.adapt(a.method, cfg.model, params, cfg.optimizer, cfg.loss, batches, keys, steps,
+                              dev_batches=dev_batches, eval_every=a.select_every, mesh=mesh,
+                              progress=bar.update)
+  finally:
+    bar.close()
   jsonl = MetricsJsonl(os.path.join(model_dir, "metrics.jsonl"))
   for step, losses in enumerate(result.losses, start=1):
-    message = None if np.all(np.isfinite(losses)) else [p for p, x in zip(pairs, losses) if not np.isfinite(x)]
-    if message:
-      raise NonFiniteLoss(f"non-finite adaptation loss at step {step} for (task, seed) pairs {message}")
-    if step % run_cfg.log_every == 0 or step == run_cfg.train_steps:
+    bad = [p for p, x in zip(pairs, losses) if not np.isfinite(x)]
+    if bad:
+      raise NonFiniteLoss(f"non-finite adaptation loss at step {step} for (task, seed) pairs {bad}")
+    if step % run_cfg.log_every == 0 or step == steps:
       jsonl.write(step, {"loss": float(np.mean(losses)),
                          **{f"loss/{t}/seed{seed}": float(x) for (t, seed), x in zip(pairs, losses)}})
-  log.info("final training loss: %.4f (mean over pairs)", float(np.mean(result.losses[-1])))
+  rows = [{"task": t, "seed": seed} for t, seed in pairs]
+  if steps:
+    log.info("final training loss: %.4f (mean over pairs)", float(np.mean(result.losses[-1])))
+    for i, row in enumerate(rows):
+      row["final_loss"] = float(result.losses[-1, i])
 
   banner("evaluate")
   model = models.T5(result.model_cfg)
-  rows = []
-  for i, (t, seed) in enumerate(pairs):
-    row = {"task": t, "seed": seed, "final_loss": float(result.losses[-1, i])}
-    if a.evaluate:
-      row.update(evaluate_pair(cfg, model, result.pair_params(i), vocabulary, registration.tasks[t]))
-      log.info("%s seed %d: exact_match %.2f rougeL %.2f", t, seed, row["exact_match"], row["rougeL"])
-    rows.append(row)
-  checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints"), run_cfg.train_steps, None,
+  if dev_batches:
+    for i, row in enumerate(rows):
+      row.update(best_step=int(result.best_step[i]), best_dev_loss=float(np.min(result.dev_losses[:, i])))
+  if a.evaluate:
+    for i, row in enumerate(tqdm.tqdm(rows, unit="pair", file=sys.stderr, dynamic_ncols=True,
+                                      disable=jax.process_index() != 0)):
+      row.update(benchmark.evaluate(model, result.pair_params(i), i, mesh))
+      log.info("%s seed %d: %s", row["task"], row["seed"],
+               format_metrics({k: v for k, v in row.items() if isinstance(v, float)}))
+  checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints"), max(steps, 1), None,
                                  run_cfg.async_checkpoints)
-  checkpointer.save(run_cfg.train_steps, {"trainable": result.trainable, "frozen": result.frozen},
+  checkpointer.save(steps, {"trainable": result.trainable, "frozen": result.frozen},
                     {"pairs": [list(p) for p in pairs], "method": a.method}, force=True)
   checkpointer.wait()
   checkpointer.close()
-  mean = {k: float(np.mean([r[k] for r in rows])) for k in ("final_loss", "exact_match", "rougeL")
-          if k in rows[0]}
-  results = {"status": "done", "method": a.method, "shots": a.shots, "steps": run_cfg.train_steps,
+  results = {"status": "done", "method": a.method, "source": cfg.data.source, "steps": steps,
              "pretrain_dir": os.path.abspath(run_cfg.pretrain_dir), "pretrain_step": pretrain_step,
-             "pairs": rows, "mean": mean, "wall_time_s": time.time() - start_time,
-             "checkpoints": checkpointer.directory}
+             "pairs": rows, "wall_time_s": time.time() - start_time, "checkpoints": checkpointer.directory}
+  if cfg.data.source != "t0":
+    results["shots"] = a.shots
+  if a.evaluate:
+    results["table"], markdown = benchmark.summary(rows)
+    write_text_atomic(os.path.join(model_dir, "results.md"),
+                      f"# {a.method} few-shot adaptation ({cfg.data.source}); mean ± std over seeds "
+                      f"{list(a.seeds)}\n\n{markdown}\n")
   write_json_atomic(os.path.join(model_dir, "results.json"), results)
   banner("results")
-  log.info("mean over %d pairs: %s", len(rows), format_metrics(mean))
+  if a.evaluate:
+    log.info("results (mean ± std over seeds):\n%s", markdown)
   log.info("results: %s; adapted params: %s", os.path.join(os.path.abspath(model_dir), "results.json"),
            checkpointer.directory)
   return 0

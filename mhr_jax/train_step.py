@@ -6,7 +6,9 @@ differentiated and get no optimizer state; the frozen tree is passed to the comp
 donation and handed back as is. `trainable`, `opt_state` and `step` are donated.
 
 Objectives ("lm", "tfew", see losses.py) are pairs of functions: `counts(batch)` (normalisers,
-from the batch alone) and `sums(model, params, batch, rng, train)`. The step computes counts for
+from the batch alone) and `sums(model, params, batch, rng, train, loss_cfg, routing_anneal=None)`
+(`routing_anneal`: the model's routing annealing factor, see AdapterConfig.anneal_steps; only
+pre-training passes one). The step computes counts for
 the whole batch first, then sums the gradients of sum/count over its micro-batches, so gradient
 accumulation is exact (equals one big batch), whatever the padding of each micro-batch.
 """
@@ -25,6 +27,7 @@ from flax import traverse_util
 from flax.core import FrozenDict
 
 from mhr_jax import losses, optim, partitioning
+from mhr_jax.adapters import anneal_factor
 from mhr_jax.adapters import params as param_groups
 
 
@@ -170,32 +173,34 @@ def _lm_counts(batch, loss_cfg):
   return {"lm": jnp.sum(_loss_weights(batch))}
 
 
-def _lm_sums(model, params, batch, rng, train, loss_cfg):
+def _lm_sums(model, params, batch, rng, train, loss_cfg, routing_anneal=None):
   logits = model.apply(
       {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
       batch["decoder_target_tokens"], encoder_segment_ids=batch.get("encoder_segment_ids"),
       decoder_segment_ids=batch.get("decoder_segment_ids"),
       encoder_positions=batch.get("encoder_positions"),
       decoder_positions=batch.get("decoder_positions"), task_ids=batch.get("task_ids"),
-      enable_dropout=train, rngs={"dropout": rng})
+      enable_dropout=train, routing_anneal=routing_anneal, rngs={"dropout": rng})
   total, _ = losses.lm_loss(logits, batch["decoder_target_tokens"], _loss_weights(batch),
                             loss_cfg.label_smoothing)
   return {"lm": total}
 
 
 def choice_logits(module, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
-                  task_ids=None, enable_dropout=False):
+                  task_ids=None, enable_dropout=False, routing_anneal=None):
   """Logits (B, C, Lt, V) of C answer choices per example; the input is encoded once.
 
   For `model.apply(..., method=choice_logits)`. decoder_*: (B, C, Lt).  task_ids: (B,) or None.
+  routing_anneal: optional routing annealing factor, passed to both encode and decode.
   """
-  encoded = module.encode(encoder_input_tokens, task_ids=task_ids, enable_dropout=enable_dropout)
+  encoded = module.encode(encoder_input_tokens, task_ids=task_ids, enable_dropout=enable_dropout,
+                          routing_anneal=routing_anneal)
   b, c, length = decoder_input_tokens.shape
   rep = lambda x: None if x is None else jnp.repeat(x, c, axis=0)
   logits = module.decode(rep(encoded), rep(encoder_input_tokens),
                          decoder_input_tokens.reshape(b * c, length),
                          decoder_target_tokens.reshape(b * c, length), task_ids=rep(task_ids),
-                         enable_dropout=enable_dropout)
+                         enable_dropout=enable_dropout, routing_anneal=routing_anneal)
   return logits.reshape(b, c, length, -1)
 
 
@@ -204,11 +209,12 @@ def _tfew_counts(batch, loss_cfg):
   return losses.tfew_counts(_loss_weights(batch), batch["labels"])
 
 
-def _tfew_sums(model, params, batch, rng, train, loss_cfg):
+def _tfew_sums(model, params, batch, rng, train, loss_cfg, routing_anneal=None):
   del loss_cfg
   logits = model.apply({"params": params}, batch["encoder_input_tokens"],
                        batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                       batch.get("task_ids"), train, method=choice_logits, rngs={"dropout": rng})
+                       batch.get("task_ids"), train, routing_anneal, method=choice_logits,
+                       rngs={"dropout": rng})
   terms = losses.tfew_terms(logits, batch["decoder_target_tokens"], _loss_weights(batch),
                             batch["labels"])
   return {name: total for name, (total, _) in terms.items()}
@@ -232,13 +238,16 @@ def _micro_batches(batch, k: int):
 
 
 def compute_gradients(model, loss_cfg: losses.LossConfig, trainable, frozen, batch, rng, *,
-                      grad_accum_steps: int = 1, constrain: Callable | None = None):
+                      grad_accum_steps: int = 1, constrain: Callable | None = None,
+                      routing_anneal=None):
   """Gradients of the objective with respect to `trainable` only.
 
   Args:
     batch: dict of (B, ...) arrays.  rng: PRNG key; micro-batch i uses fold_in(rng, i).
     grad_accum_steps: micro-batches the batch is split into (scanned, gradients summed).
     constrain: optional sharding constraint applied to the batch and to each micro-batch.
+    routing_anneal: optional scalar routing annealing factor a (w <- a w + (1 - a) / K) for every
+      forward pass; None leaves the routing as is.
   Returns:
     (grads like trainable, loss scalar, {term: sum}, {term: count}).
   """
@@ -251,7 +260,8 @@ def compute_gradients(model, loss_cfg: losses.LossConfig, trainable, frozen, bat
     if constrain is not None:
       micro = constrain(micro)
     params = param_groups.combine(params_t, frozen)
-    sums = objective.sums(model, params, micro, key, True, loss_cfg)
+    sums = objective.sums(model, params, micro, key, True, loss_cfg,
+                          routing_anneal=routing_anneal)
     return losses.combine_terms(sums, counts), sums
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -312,19 +322,41 @@ def _ensure_global(batch, mesh):
   return partitioning.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
 
 
+def _anneal_steps(model, total_steps: int | None) -> int:
+  """The routing annealing window of `model` (0: off), checked against `total_steps`."""
+  acfg = model.config.adapter
+  if not (acfg.routed and acfg.anneal_steps > 0):
+    return 0
+  if total_steps is None:
+    raise ValueError(f"AdapterConfig.anneal_steps={acfg.anneal_steps} needs the number of "
+                     "training steps (RunConfig.train_steps) as make_train_step(total_steps=...)")
+  if acfg.anneal_steps > total_steps:
+    raise ValueError(f"AdapterConfig.anneal_steps={acfg.anneal_steps} exceeds "
+                     f"RunConfig.train_steps={total_steps}")
+  return acfg.anneal_steps
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, loss_cfg: losses.LossConfig,
-                    mesh, state_shardings: TrainState, *, grad_accum_steps: int = 1):
+                    mesh, state_shardings: TrainState, *, grad_accum_steps: int = 1,
+                    total_steps: int | None = None):
   """The jit-compiled update.
 
   Args:
     state_shardings: TrainState of NamedShardings (`shardings_of(abstract_train_state(...))`).
     grad_accum_steps: OptimizerConfig.grad_accum_steps; each batch is split into this many
       micro-batches whose gradients are summed before one optimizer update.
+    total_steps: RunConfig.train_steps. Needed when the model's routing is annealed
+      (AdapterConfig.anneal_steps > 0, kind poly / mhr): the update from `state.step` = n uses
+      a = adapters.anneal_factor(n + 1, total_steps, anneal_steps), reported as the metric
+      "routing_anneal".
   Returns:
     fn(state, batch, rng) -> (state, metrics). batch: dict of (B, ...) arrays, global jax.Arrays
     or host-local numpy (converted with partitioning.global_batch). The old state's trainable
     part and optimizer state are donated; metrics are replicated scalars (see step_metrics).
+  Raises:
+    ValueError: annealing is on and total_steps is None or smaller than anneal_steps.
   """
+  anneal_steps = _anneal_steps(model, total_steps)
   labels = state_shardings.labels
   batch_sharding = partitioning.batch_sharding(mesh)
   repl = partitioning.replicated(mesh)
@@ -333,11 +365,15 @@ def make_train_step(model, optimizer: optax.GradientTransformation, loss_cfg: lo
 
   def step(frozen, mutable, batch, rng):
     count, trainable, opt_state = mutable
+    # The update being made is step count + 1 (1-based, as the training loop counts).
+    anneal = anneal_factor(count + 1, total_steps, anneal_steps) if anneal_steps else None
     grads, loss, sums, counts = compute_gradients(
         model, loss_cfg, trainable, frozen, batch, rng, grad_accum_steps=grad_accum_steps,
-        constrain=constrain)
+        constrain=constrain, routing_anneal=anneal)
     trainable, opt_state = update(optimizer, trainable, opt_state, grads)
     metrics = step_metrics(loss, sums, counts, grads, labels, opt_state)
+    if anneal is not None:
+      metrics["routing_anneal"] = anneal
     return (count + 1, trainable, opt_state), metrics
 
   jitted = jax.jit(step, in_shardings=(state_shardings.frozen, mutable_shardings, batch_sharding,

@@ -143,3 +143,24 @@ def test_prepare_pairs_per_method(method, kind, trained_leaves):
 def test_bad_method_is_rejected():
   with pytest.raises(ValueError, match="adaptation method='mhr-x'"):
     adaptation.prepare_pairs("mhr-x", CFG, _params(), jax.random.split(jax.random.key(0), 1))
+
+
+def test_zero_steps_give_the_starting_point():
+  """num_steps=0 (zero-shot evaluation): the mhr-mu starting point computes what the pre-trained MHR model
+  computes with uniform routing (routing annealed fully, a = 0), for any task id."""
+  params = _params()
+  keys = jax.random.split(jax.random.key(2), 2)
+  result = adaptation.adapt("mhr-mu", CFG, params, OPT_CFG, losses.LossConfig(), None, keys, 0)
+  assert result.losses.shape == (0, 2) and result.dev_losses is None
+  batch = {k: v[0] for k, v in _pair_batches(1, 1)[0].items()}
+  args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"], batch["decoder_target_tokens"])
+  uniform = models.T5(CFG).apply({"params": params}, *args, task_ids=np.array([0, 1, 2, 1]),
+                                 enable_dropout=False, routing_anneal=0.0)
+  for i in range(2):
+    mu = models.T5(result.model_cfg).apply({"params": result.pair_params(i)}, *args, enable_dropout=False)
+    np.testing.assert_allclose(np.asarray(mu), np.asarray(uniform), atol=1e-5, rtol=1e-5)
+  routed = models.T5(CFG).apply({"params": params}, *args, task_ids=np.array([0, 1, 2, 1]),
+                                enable_dropout=False)
+  assert not np.allclose(np.asarray(routed), np.asarray(uniform), atol=1e-3)  # routing mattered
+  with pytest.raises(ValueError, match="num_steps=-1"):
+    adaptation.adapt("mhr-mu", CFG, params, OPT_CFG, losses.LossConfig(), None, keys, -1)

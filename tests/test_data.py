@@ -190,3 +190,22 @@ def test_generation_and_rank_classification_batches(vocab):
   np.testing.assert_array_equal(batch["decoder_target_tokens"][1, 2], [ord("s") + 3, 1, 0])
   with pytest.raises(ValueError, match="num_choices=2 but an example has 3"):
     next(data.rank_classification_batches(examples, vocab, 4, 4, 3, num_choices=2))
+
+
+def test_lm_eval_batches_equal_the_training_rows(registered, vocab):
+  """One pass over a split gives the rows `train_batches` makes of the same examples (SeqIO's feature
+  conversion is the oracle), in order, the last batch padded with zero-weight rows."""
+  task = registered.tasks["task002_b"]
+  examples = data.eval_examples(task, "train")
+  batches = data.lm_eval_batches(examples, vocab, 16, 10, 6)  # targets "output i" are truncated
+  assert len(batches) == 3 and all(b["encoder_input_tokens"].shape == (16, 10) for b in batches)
+  rows = {k: np.concatenate([b[k] for b in batches])[:len(examples)] for k in batches[0]}
+  padding = np.concatenate([b["decoder_loss_weights"] for b in batches])[len(examples):]
+  np.testing.assert_array_equal(padding, 0)
+  keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+  joined = lambda r: np.concatenate(  # noqa: E731
+      [r[k].astype(np.float32) for k in keys] + [r["task_ids"][:, None]], 1)
+  # Several shuffled, repeated batches cover every example at least once.
+  seqio_rows = np.concatenate([joined(b) for b in _take(data.train_batches(task, "train", 40, 10, 6), 4)])
+  np.testing.assert_array_equal(np.unique(joined(rows), axis=0), np.unique(seqio_rows, axis=0))
+  assert len(np.unique(joined(rows), axis=0)) == len(examples)

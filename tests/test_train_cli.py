@@ -77,14 +77,15 @@ def test_tiny_config_runs_and_resumes(env, tiny_run):
 
 
 def test_adapt_from_pretraining_run(env, tiny_run, tmp_path):
-  """MHR-z through the CLI: one fresh routing row per pair trains, the skill inventory stays put."""
+  """MHR-z through the CLI: one fresh routing row per pair trains, the skill inventory stays put; the
+  parameters of the step with the lowest dev loss are kept (best-on-dev)."""
   pretrain_dir, _, pretrained = tiny_run
   assert pretrained.returncode == 0, pretrained.stderr[-3000:]
   model_dir = str(tmp_path / "adapt")
   result = subprocess.run(
       [sys.executable, "-m", "mhr_jax.train", "--gin_file=configs/adapt/tiny.gin",
        f"--gin.PRETRAIN_DIR='{pretrain_dir}'", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2",
-       "--gin.AdaptConfig.method='mhr-z'", "--gin.AdaptConfig.seeds=(13,)"],
+       "--gin.AdaptConfig.method='mhr-z'", "--gin.AdaptConfig.seeds=(13,)", "--gin.AdaptConfig.select_every=1"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(model_dir, "results.json")) as f:
@@ -95,6 +96,10 @@ def test_adapt_from_pretraining_run(env, tiny_run, tmp_path):
   for pair in results["pairs"]:
     assert 0.0 <= pair["rougeL"] <= 100.0 and 0.0 <= pair["exact_match"] <= 100.0
     assert np.isfinite(pair["final_loss"])
+    assert pair["best_step"] in (1, 2) and np.isfinite(pair["best_dev_loss"])
+  assert "best-on-dev: every 1 steps on 2 dev batches per pair" in result.stderr  # 16 dev examples, batch 8
+  with open(os.path.join(model_dir, "results.md")) as f:
+    assert "| task009_synthetic_swap_ends_then_double |" in f.read()
   assert [r["step"] for r in read_metrics(model_dir)] == [1, 2]
   adapted = ocp.StandardCheckpointer().restore(os.path.join(model_dir, "checkpoints", "2", "state"))
   before = restore_params(os.path.join(pretrain_dir, "checkpoints"), 3)
@@ -171,6 +176,8 @@ def _snapshot(directory):
     (["--gin.RunConfig.mode='adapt'"], "RunConfig.mode='adapt' needs RunConfig.pretrain_dir"),
     (["--gin.RunConfig.init_checkpoint='/nonexistent/hf'"], "RunConfig.init_checkpoint='/nonexistent/hf': "
                                                             "no such directory"),
+    (["--gin.AdapterConfig.anneal_steps=41"], "AdapterConfig.anneal_steps=41 exceeds RunConfig.train_steps=40"),
+    (["--gin.AdaptConfig.eval_batch_size=0"], "AdaptConfig.eval_batch_size=0: must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(existing_run, flags, expected, capsys):
   before = _snapshot(existing_run)

@@ -1,5 +1,6 @@
 """The sharded train step on 1 and 8 simulated CPU devices: equal results, frozen base untouched,
-per-group learning rates, exact gradient accumulation, NaN flag, T-Few objective."""
+per-group learning rates, exact gradient accumulation, NaN flag, T-Few objective, routing
+annealing."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from mhr_jax import losses, models, optim, partitioning
 from mhr_jax import train_step as ts
-from mhr_jax.adapters import AdapterConfig
+from mhr_jax.adapters import AdapterConfig, anneal_factor
 from mhr_jax.adapters import params as param_groups
 
 ADAPTER_LR, ROUTING_LR = 1e-3, 0.1
@@ -36,6 +37,20 @@ def _lm_batch(b=8, li=6, lt=5, seed=1):
           "decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1),
           "decoder_loss_weights": (targets > 0).astype(np.float32),
           "task_ids": rng.integers(0, 3, (b,)).astype(np.int32)}
+
+
+def _tfew_batch():
+  """(B=4, C=2) answer-choice batch."""
+  rng = np.random.default_rng(3)
+  b, c, li, lt = 4, 2, 6, 5
+  targets = rng.integers(2, CFG.vocab_size, (b, c, lt)).astype(np.int32)
+  targets[:, 1, 2:] = 0
+  return {"encoder_input_tokens": rng.integers(2, CFG.vocab_size, (b, li)).astype(np.int32),
+          "decoder_target_tokens": targets,
+          "decoder_input_tokens": np.concatenate([np.zeros((b, c, 1), np.int32),
+                                                  targets[..., :-1]], -1),
+          "decoder_loss_weights": (targets > 0).astype(np.float32),
+          "labels": np.array([0, 1, 1, 0], np.int32), "task_ids": np.array([0, 1, 2, 0], np.int32)}
 
 
 def _mesh(n, shape=(-1, 1, 1)):
@@ -155,17 +170,9 @@ def test_eval_steps_lm_and_tfew(single):
   assert float(first["count/lm"]) == (_lm_batch()["decoder_target_tokens"] > 0).sum()
 
   # A (B=4, C=2) answer-choice batch; flattened to (8, Lt) it has the LM batch's shapes.
-  rng = np.random.default_rng(3)
-  b, c, li, lt = 4, 2, 6, 5
-  targets = rng.integers(2, CFG.vocab_size, (b, c, lt)).astype(np.int32)
-  targets[:, 1, 2:] = 0
-  labels = np.array([0, 1, 1, 0], np.int32)
-  batch = {"encoder_input_tokens": rng.integers(2, CFG.vocab_size, (b, li)).astype(np.int32),
-           "decoder_target_tokens": targets,
-           "decoder_input_tokens": np.concatenate([np.zeros((b, c, 1), np.int32),
-                                                   targets[..., :-1]], -1),
-           "decoder_loss_weights": (targets > 0).astype(np.float32), "labels": labels,
-           "task_ids": np.array([0, 1, 2, 0], np.int32)}
+  batch = _tfew_batch()
+  targets, labels = batch["decoder_target_tokens"], batch["labels"]
+  b, c, lt = targets.shape
   tfew = ts.make_eval_step(model, losses.LossConfig(kind="tfew"), mesh,
                            ts.shardings_of(state))(state, batch)
   # The encoder runs once per example in the T-Few path; the LM path repeats the inputs.
@@ -189,3 +196,133 @@ def test_init_rejects_params_that_do_not_fit_the_model(single):
   tx = optim.make_optimizer(OPT_CFG, labels, 10)
   with pytest.raises(ValueError, match="labels and params differ|missing"):
     ts.init_train_state(models.T5(CFG), params, labels, tx, _mesh(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing annealing (AdapterConfig.anneal_steps): w <- a w + (1 - a) / K in pre-training steps.
+
+def _anneal_cfg(anneal_steps):
+  return CFG.replace(adapter=CFG.adapter.replace(anneal_steps=anneal_steps))
+
+
+def _set_routing(params, labels, values):
+  """A copy of params with every routing-logits leaf replaced by values(shape)."""
+  flat = traverse_util.flatten_dict(jax.tree.map(np.copy, params))
+  for path, group in traverse_util.flatten_dict(labels).items():
+    if group == "routing":
+      flat[path] = values(flat[path].shape).astype(np.float32)
+  return traverse_util.unflatten_dict(flat)
+
+
+@pytest.fixture(scope="module")
+def peaked():
+  """Random params whose routing logits are far from uniform (weights up to ~0.99 / 0.01)."""
+  params = _random_params(CFG)
+  labels = param_groups.param_labels(params, "mhr")
+  rng = np.random.default_rng(5)
+  return dict(params=_set_routing(params, labels, lambda shape: rng.normal(size=shape) * 3.0),
+              labels=labels)
+
+
+def _one_step(cfg, params, labels, batch, *, count, total_steps=None, loss_cfg=None,
+              grad_accum_steps=1):
+  """One train step of a `cfg` model from a state whose step counter is `count`."""
+  mesh = _mesh(1)
+  model = models.T5(cfg)
+  tx = optim.make_optimizer(OPT_CFG, labels, 10)
+  state = ts.init_train_state(model, params, labels, tx, mesh)
+  state = state.replace(step=jax.device_put(jnp.asarray(count, jnp.int32), state.step.sharding))
+  step = ts.make_train_step(model, tx, loss_cfg or losses.LossConfig(), mesh,
+                            ts.shardings_of(state), grad_accum_steps=grad_accum_steps,
+                            total_steps=total_steps)
+  state, metrics = step(state, batch, jax.random.key(0))
+  assert int(state.step) == count + 1
+  return jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, metrics)
+
+
+def _eval_loss(cfg, params, labels, batch, loss_cfg=None):
+  mesh = _mesh(1)
+  model = models.T5(cfg)
+  tx = optim.make_optimizer(OPT_CFG, labels, 10)
+  state = ts.init_train_state(model, params, labels, tx, mesh)
+  return float(ts.make_eval_step(model, loss_cfg or losses.LossConfig(), mesh,
+                                 ts.shardings_of(state))(state, batch)["loss"])
+
+
+def _direct_lm_loss(cfg, params, batch, anneal):
+  """Token cross-entropy of a plain model.apply with routing_anneal=anneal, in numpy."""
+  logits = models.T5(cfg).apply(
+      {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+      batch["decoder_target_tokens"], task_ids=batch["task_ids"], enable_dropout=False,
+      routing_anneal=anneal)
+  logits = np.asarray(logits, np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+  weights = batch["decoder_loss_weights"]
+  return float((nll * weights).sum() / weights.sum())
+
+
+def test_last_annealed_step_routes_uniformly(peaked):
+  params, labels, batch = peaked["params"], peaked["labels"], _lm_batch()
+  # K = 2: zero logits give sigmoid 1/2 per skill, i.e. exactly uniform weights 1/2.
+  uniform_params = _set_routing(params, labels, np.zeros)
+  uniform = _eval_loss(CFG, uniform_params, labels, batch)
+  routed = _eval_loss(CFG, params, labels, batch)
+  assert abs(routed - uniform) > 1e-3      # the routing matters for this loss
+  # anneal_steps = total_steps = 4: the update from step 3 is the last, where a = 0.
+  _, metrics = _one_step(_anneal_cfg(4), params, labels, batch, count=3, total_steps=4)
+  assert metrics["routing_anneal"] == 0.0
+  np.testing.assert_allclose(metrics["loss"], uniform, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], _direct_lm_loss(CFG, params, batch, 0.0), rtol=1e-5)
+  # Evaluation is never annealed.
+  np.testing.assert_allclose(_eval_loss(_anneal_cfg(4), params, labels, batch), routed, rtol=1e-6)
+
+  # The T-Few objective (encode and decode of choice_logits) is annealed too.
+  tfew_cfg, tfew_batch = losses.LossConfig(kind="tfew"), _tfew_batch()
+  tfew_uniform = _eval_loss(CFG, uniform_params, labels, tfew_batch, tfew_cfg)
+  assert abs(_eval_loss(CFG, params, labels, tfew_batch, tfew_cfg) - tfew_uniform) > 1e-3
+  _, metrics = _one_step(_anneal_cfg(4), params, labels, tfew_batch, count=3, total_steps=4,
+                         loss_cfg=tfew_cfg)
+  np.testing.assert_allclose(metrics["loss"], tfew_uniform, rtol=1e-6)
+
+
+def test_steps_before_the_window_are_not_annealed(peaked):
+  params, labels, batch = peaked["params"], peaked["labels"], _lm_batch()
+  plain_params, plain = _one_step(CFG, params, labels, batch, count=0)
+  assert "routing_anneal" not in plain
+  # Window: steps 9 and 10 of 10; the update from step 7 is step 8, still a = 1.
+  annealed_params, annealed = _one_step(_anneal_cfg(2), params, labels, batch, count=7,
+                                        total_steps=10)
+  assert annealed["routing_anneal"] == 1.0
+  np.testing.assert_allclose(annealed["loss"], plain["loss"], rtol=1e-6)
+  np.testing.assert_allclose(annealed["grad_norm"], plain["grad_norm"], rtol=1e-6)
+  _assert_trees_close(annealed_params, plain_params, atol=1e-6)
+
+
+def test_mid_window_factor_follows_the_cosine(peaked):
+  params, labels, batch = peaked["params"], peaked["labels"], _lm_batch()
+  # total 8, window 4 (steps 5..8): the update from step 4 is step 6, halfway: a = 1/2.
+  for count, expected in ((4, (1 + np.cos(np.pi / 4)) / 2), (5, 0.5)):
+    _, metrics = _one_step(_anneal_cfg(4), params, labels, batch, count=count, total_steps=8,
+                           grad_accum_steps=2)
+    np.testing.assert_allclose(metrics["routing_anneal"], expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(metrics["routing_anneal"],
+                               anneal_factor(count + 1, 8, 4), rtol=0, atol=0)
+    np.testing.assert_allclose(metrics["loss"], _direct_lm_loss(CFG, params, batch, expected),
+                               rtol=1e-5)
+
+
+def test_annealing_needs_a_valid_total_steps(peaked):
+  labels, mesh = peaked["labels"], _mesh(1)
+  model = models.T5(_anneal_cfg(4))
+  tx = optim.make_optimizer(OPT_CFG, labels, 10)
+  shardings = ts.shardings_of(ts.abstract_train_state(model, labels, tx, mesh))
+  make = lambda total: ts.make_train_step(model, tx, losses.LossConfig(), mesh, shardings,
+                                          total_steps=total)
+  with pytest.raises(ValueError, match=r"AdapterConfig.anneal_steps=4.*RunConfig.train_steps"):
+    make(None)
+  with pytest.raises(ValueError,
+                     match=r"AdapterConfig.anneal_steps=4 exceeds RunConfig.train_steps=3"):
+    make(3)
+  make(4)
