@@ -97,16 +97,22 @@ class RunCheckpointer:
     self._manager.close()
 
 
-def latest_step(directory: str) -> int | None:
-  """The latest complete checkpoint step in `directory` (None when there is none); never writes."""
+def checkpoint_steps(directory: str) -> list[int]:
+  """The complete checkpoint steps in `directory`, ascending; never writes."""
   if not os.path.isdir(directory):
-    return None
+    return []
   manager = ocp.CheckpointManager(
       os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   try:
-    return manager.latest_step()
+    return sorted(manager.all_steps())
   finally:
     manager.close()
+
+
+def latest_step(directory: str) -> int | None:
+  """The latest complete checkpoint step in `directory` (None when there is none); never writes."""
+  steps = checkpoint_steps(directory)
+  return steps[-1] if steps else None
 
 
 def restore_params(directory: str, step: int) -> dict:
