@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from mhr_jax import decoding, metrics, partitioning
 from mhr_jax import train_step as ts
@@ -49,7 +49,8 @@ def place_params(model, params, mesh: Mesh | None):
 
 
 def _global_arrays(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-  """Host-global numpy rows -> arrays split over ('data', 'fsdp'); each process supplies its own rows."""
+  """Host-global numpy rows (the same on every process) -> arrays split over ('data', 'fsdp'); each device
+  takes its rows from its own process's copy."""
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -103,7 +104,7 @@ def _constrain(mesh: Mesh | None, **arrays):
 
 
 def _out_sharding(mesh: Mesh | None):
-  return None if mesh is None else NamedSharding(mesh, P())
+  return None if mesh is None else partitioning.replicated(mesh)
 
 
 # ------------------------------------------------------------------------------ rank classification
