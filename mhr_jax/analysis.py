@@ -50,7 +50,8 @@ from mhr_jax import losses, models, train, train_step
 from mhr_jax.adapters import layers as adapter_layers
 from mhr_jax.adapters import params as params_lib
 from mhr_jax.logging_utils import banner, log, setup_console
-from mhr_jax.run_checkpoints import checkpoint_steps, restore_params, write_json_atomic, write_text_atomic
+from mhr_jax.run_checkpoints import (checkpoint_steps, restore_params, write_bytes_atomic, write_json_atomic,
+                                     write_text_atomic)
 
 EXIT_BAD_INPUT = 2
 ADAPTER_LEAVES = ("lora_a", "lora_b", "ia3_scale")
@@ -300,19 +301,15 @@ def _figure(width: float, height: float):
 
 
 def _save_figure(fig, path: str) -> None:
-  """PNG through a temporary file and os.replace."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  fig.savefig(tmp, format="png", bbox_inches="tight")
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", bbox_inches="tight")
+  write_bytes_atomic(path, buffer.getvalue())
 
 
 def _save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(buffer.getvalue())
-  os.replace(tmp, path)
+  write_bytes_atomic(path, buffer.getvalue())
 
 
 def _task_ticks(ax, labels: Sequence[str], axis: str) -> None:

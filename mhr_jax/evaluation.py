@@ -107,6 +107,37 @@ def _out_sharding(mesh: Mesh | None):
   return None if mesh is None else partitioning.replicated(mesh)
 
 
+def _per_example(name: str, model, fn, params, batches, mesh, task_id, progress, *,
+                 inputs: tuple[str, ...], host_keys: tuple[str, ...] = ()):
+  """Runs fn(params, *batch[inputs], task_ids) over the batches, keeping the real rows (example_index >= 0).
+
+  Returns (fn's outputs, {key: the batches' host_keys arrays}), both ordered by example_index.
+  """
+  params = place_params(model, params, mesh)
+  indices, outputs, host = [], [], {k: [] for k in host_keys}
+  for batch in batches:
+    _check_batch(batch, (*inputs, *host_keys, "example_index"))
+    ids = _task_ids(model, batch, task_id)
+    arrays = _global_arrays({**{k: batch[k] for k in inputs}, **({} if ids is None else {"task_ids": ids})},
+                            mesh)
+    with _tracing_context(mesh):
+      out = np.asarray(fn(params, *(arrays[k] for k in inputs), arrays.get("task_ids")))
+    keep = np.asarray(batch["example_index"]) >= 0
+    indices.append(np.asarray(batch["example_index"])[keep])
+    outputs.append(out[keep])
+    for k in host_keys:
+      host[k].append(np.asarray(batch[k])[keep])
+    if progress is not None:
+      progress(int(keep.sum()))
+  if not sum(len(i) for i in indices):
+    raise ValueError(f"{name}: no examples")
+  index = np.concatenate(indices)
+  order = np.argsort(index, kind="stable")
+  if np.any(np.diff(index[order]) == 0):
+    raise ValueError(f"{name}: an example_index appears in more than one row")
+  return np.concatenate(outputs)[order], {k: np.concatenate(v)[order] for k, v in host.items()}
+
+
 # ------------------------------------------------------------------------------ rank classification
 
 
@@ -137,31 +168,10 @@ def rank_classification(model, params, batches: Iterable[Mapping[str, np.ndarray
   Returns:
     RankClassification over the N real examples, ordered by example_index.
   """
-  params = place_params(model, params, mesh)
   fn = _choice_nll_fn(model, mesh)
-  parts = []
-  for batch in batches:
-    _check_batch(batch, ("encoder_input_tokens", "decoder_target_tokens", "labels", "example_index"))
-    ids = _task_ids(model, batch, task_id)
-    arrays = _global_arrays({"encoder_input_tokens": batch["encoder_input_tokens"],
-                             "decoder_target_tokens": batch["decoder_target_tokens"],
-                             **({} if ids is None else {"task_ids": ids})}, mesh)
-    with _tracing_context(mesh):
-      nll = fn(params, arrays["encoder_input_tokens"], arrays["decoder_target_tokens"],
-               arrays.get("task_ids"))
-    nll = np.asarray(nll, np.float64)
-    keep = np.asarray(batch["example_index"]) >= 0
-    parts.append((np.asarray(batch["example_index"])[keep], nll[keep], np.asarray(batch["labels"])[keep]))
-    if progress is not None:
-      progress(int(keep.sum()))
-  if not parts or not sum(len(p[0]) for p in parts):
-    raise ValueError("rank_classification: no examples")
-  index = np.concatenate([p[0] for p in parts])
-  order = np.argsort(index, kind="stable")
-  if np.any(np.diff(index[order]) == 0):
-    raise ValueError("rank_classification: an example_index appears in more than one row")
-  scores = np.concatenate([p[1] for p in parts])[order]
-  labels = np.concatenate([p[2] for p in parts])[order]
+  nll, host = _per_example("rank_classification", model, fn, params, batches, mesh, task_id, progress,
+                           inputs=("encoder_input_tokens", "decoder_target_tokens"), host_keys=("labels",))
+  scores, labels = nll.astype(np.float64), host["labels"]
   return RankClassification(scores, labels, metrics.rank_classification_predictions(scores),
                             metrics.rank_classification_accuracy(scores, labels))
 
@@ -198,28 +208,10 @@ def generate(model, params, batches: Iterable[Mapping[str, np.ndarray]], max_dec
   """
   if num_beams < 1:
     raise ValueError(f"generate: num_beams={num_beams}: must be >= 1")
-  params = place_params(model, params, mesh)
   fn = _generate_fn(model, mesh, int(max_decode_length), int(num_beams), float(length_penalty))
-  indices, rows = [], []
-  for batch in batches:
-    _check_batch(batch, ("encoder_input_tokens", "example_index"))
-    ids = _task_ids(model, batch, task_id)
-    arrays = _global_arrays({"encoder_input_tokens": batch["encoder_input_tokens"],
-                             **({} if ids is None else {"task_ids": ids})}, mesh)
-    with _tracing_context(mesh):
-      tokens = np.asarray(fn(params, arrays["encoder_input_tokens"], arrays.get("task_ids")))
-    keep = np.asarray(batch["example_index"]) >= 0
-    indices.append(np.asarray(batch["example_index"])[keep])
-    rows.append(tokens[keep])
-    if progress is not None:
-      progress(int(keep.sum()))
-  if not indices or not sum(len(i) for i in indices):
-    raise ValueError("generate: no examples")
-  index = np.concatenate(indices)
-  order = np.argsort(index, kind="stable")
-  if np.any(np.diff(index[order]) == 0):
-    raise ValueError("generate: an example_index appears in more than one row")
-  return np.concatenate(rows)[order].astype(np.int32)
+  tokens, _ = _per_example("generate", model, fn, params, batches, mesh, task_id, progress,
+                           inputs=("encoder_input_tokens",))
+  return tokens.astype(np.int32)
 
 
 def decode_texts(vocabulary, tokens: np.ndarray, eos_id: int | None = None) -> list[str]:

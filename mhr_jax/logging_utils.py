@@ -205,9 +205,9 @@ class TensorBoard:
       self._writer = None
 
 
-def progress_bar(start_step: int, total_steps: int) -> tqdm.tqdm:
-  """tqdm over training steps (rate = steps/s, with ETA); only process 0 draws it."""
-  return tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+def progress_bar(start_step: int, total_steps: int, unit: str = "step") -> tqdm.tqdm:
+  """tqdm over training steps (or other units; rate per second, with ETA); only process 0 draws it."""
+  return tqdm.tqdm(total=total_steps, initial=start_step, unit=unit, dynamic_ncols=True,
                    disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
 
 

@@ -21,15 +21,20 @@ from flax.core import meta
 from mhr_jax.logging_utils import log
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and os.replace (process 0 only)."""
+def write_bytes_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file and os.replace (process 0 only)."""
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
+  with open(tmp, "wb") as f:
+    f.write(data)
   os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` (UTF-8) to `path` through a temporary file and os.replace (process 0 only)."""
+  write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -27,7 +27,6 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-import tqdm
 
 from mhr_jax import config as config_lib
 from mhr_jax import models, optim, partitioning, train_step
@@ -490,11 +489,12 @@ def adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, pretrain_ste
     for i, row in enumerate(rows):
       row.update(best_step=int(result.best_step[i]), best_dev_loss=float(np.min(result.dev_losses[:, i])))
   if a.evaluate:
-    for i, row in enumerate(tqdm.tqdm(rows, unit="pair", file=sys.stderr, dynamic_ncols=True,
-                                      disable=jax.process_index() != 0)):
-      row.update(benchmark.evaluate(model, result.pair_params(i), i, mesh))
-      log.info("%s seed %d: %s", row["task"], row["seed"],
-               format_metrics({k: v for k, v in row.items() if isinstance(v, float)}))
+    with progress_bar(0, len(rows), unit="pair") as pair_bar:
+      for i, row in enumerate(rows):
+        row.update(benchmark.evaluate(model, result.pair_params(i), i, mesh))
+        log.info("%s seed %d: %s", row["task"], row["seed"],
+                 format_metrics({k: v for k, v in row.items() if isinstance(v, float)}))
+        pair_bar.update(1)
   checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints"), max(steps, 1), None,
                                  run_cfg.async_checkpoints)
   checkpointer.save(steps, {"trainable": result.trainable, "frozen": result.frozen},
