@@ -1,7 +1,7 @@
-# Fresh machine: `make demo` (tiny multi-task pre-training on CPU) and `make test`.
+# Fresh machine: `make demo` (the paper's experiment on the embedded suite, CPU) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RUN_DIR ?= runs/tiny
+RUN_DIR ?= runs/demo
 
 .PHONY: setup test demo clean
 
@@ -16,7 +16,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m mhr_jax.train --gin_file=configs/tiny.gin --gin.MODEL_DIR="'$(RUN_DIR)'"
+	$(PY) -m mhr_jax.experiment --gin_file=configs/experiments/demo.gin --gin.MODEL_DIR="'$(RUN_DIR)'"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,6 +16,8 @@ Methods (METHODS.md "Few-shot adaptation variants"); the pre-trained `params` mu
   full               every weight trains. Stacking N copies of the base would multiply memory by N,
                      so pairs run one after another (`sequential`), each with the same compiled
                      program; results are identical to the vmapped form.
+From a plain base (no adapter in `params`), poly, mhr, lora, ia3 and private_lora start from a freshly
+initialised adapter: the paper's control without multi-task pre-training.
 
 PRNG convention for a pair with key k: fresh rows come from fold_in(k, 0); step s uses
 fold_in(fold_in(k, 1), s) (micro-batch i inside it: fold_in(., i), as in train_step).
@@ -25,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mhr_jax import losses, models, optim, partitioning
@@ -39,10 +42,7 @@ from mhr_jax import train_step as ts
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.adapters import transforms
 
-METHODS = ("poly", "mhr", "poly-z", "mhr-z", "poly-mu", "mhr-mu", "lora", "ia3",
-           "private_lora", "full")
-_NEW_TASK = ("poly", "mhr", "poly-z", "mhr-z", "private_lora")
-_MU = ("poly-mu", "mhr-mu")
+METHODS = param_groups.METHODS
 
 BatchFn = Callable[[int], Mapping[str, np.ndarray]]
 
@@ -51,55 +51,93 @@ BatchFn = Callable[[int], Mapping[str, np.ndarray]]
 class AdaptationResult:
   """model_cfg / labels / frozen: the adapted model and its shared frozen params.
   trainable: the pairs' trained params, leaves (N, ...) (best-on-dev when selected).
-  losses: (num_steps, N) training loss of every step.  dev_losses: (evaluations, N) or None.
-  best_step: (N,) step whose parameters were kept (num_steps without selection)."""
+  losses: (num_steps, N) training loss of every step.  dev_scores: (evaluations, N) selection scores
+  (higher is better) or None.  best_step: (N,) step whose parameters were kept (num_steps without
+  selection)."""
   model_cfg: models.T5Config
   labels: dict
   frozen: Any
   trainable: Any
   losses: np.ndarray
-  dev_losses: np.ndarray | None
+  dev_scores: np.ndarray | None
   best_step: np.ndarray
 
+  @property
+  def dev_losses(self) -> np.ndarray | None:
+    """(evaluations, N) dev losses when the selection score was the negated dev loss."""
+    return None if self.dev_scores is None else -self.dev_scores
+
   def pair_params(self, i: int) -> dict:
-    """Full unboxed params of pair i."""
+    """Full unboxed params of pair i (untrained pairs that start alike share one copy)."""
+    i %= jax.tree.leaves(self.trainable)[0].shape[0]
     return param_groups.combine(jax.tree.map(lambda x: x[i], self.trainable), self.frozen)
 
 
-def _method(method: str) -> str:
-  key = method.lower().replace("_", "-")
-  key = "private_lora" if key == "private-lora" else key
-  if key not in METHODS:
-    raise ValueError(f"adaptation method={method!r}: expected one of {METHODS}")
-  return key
+def _has_adapter(model_cfg: models.T5Config, params) -> bool:
+  """Whether `params` carry the adapter leaves of `model_cfg` (False: a plain base model)."""
+  wanted = {p for p in traverse_util.flatten_dict(dict(param_groups.abstract_params(model_cfg)))
+            if p[-1] in transforms.ADAPTER_LEAVES}
+  present = set(traverse_util.flatten_dict(dict(params)))
+  return not wanted or wanted <= present
+
+
+def _fresh_adapter(model_cfg: models.T5Config, base_params, keys: jax.Array):
+  """Per pair: a freshly initialised adapter of `model_cfg` (one task) on the base weights.
+
+  Returns (cfg, [params of each pair]); the no-pre-training control of the paper's comparisons.
+  """
+  from mhr_jax.checkpoints import hf_t5  # pylint: disable=g-import-not-at-top
+  cfg = model_cfg
+  if cfg.adapter.uses_task_ids:
+    cfg = cfg.replace(adapter=cfg.adapter.replace(n_tasks=1))
+  model = models.T5(cfg)
+  inputs = ts.dummy_inputs(model)
+  init = jax.jit(lambda k: nn.unbox(model.init({"params": k, "dropout": k}, enable_dropout=False,
+                                               **inputs))["params"])
+  out = []
+  for key in keys:
+    params, report = hf_t5.merge_base_params(init(jax.random.fold_in(key, 0)), base_params)
+    missing = [k for k in report.missing if k.split("/")[-1] not in transforms.ADAPTER_LEAVES
+               and not k.endswith("routing/logits")]
+    if missing:
+      raise ValueError(f"the base model lacks weights the adapted model needs: {missing[:5]}")
+    out.append(params)
+  return cfg, out
 
 
 def prepare_pairs(method: str, model_cfg: models.T5Config, params, keys: jax.Array):
   """Per-pair starting points for `method`.
 
   Args:
-    params: pre-trained unboxed params of `models.T5(model_cfg)`.
+    model_cfg: the pre-trained model's config; when `params` is a plain base without that config's
+      adapter leaves (pre-trained kind "none"), the adapter is initialised fresh for every pair (the
+      no-pre-training control; METHOD_TABLE's "starts_from" must allow "none").
+    params: pre-trained unboxed params of `models.T5(model_cfg)` (or of its base).
     keys: (N,) PRNG keys, one per (task, seed) pair.
   Returns:
     (adapted model_cfg, labels, frozen params shared by all pairs, trainable params with
     leaves stacked (N, ...)).
   """
-  method = _method(method)
-  n_pairs = len(keys)
-  per_pair = []
-  for i in range(n_pairs):
-    cfg, p = model_cfg, params
-    if method in _NEW_TASK or (method == "full" and cfg.adapter.uses_task_ids):
-      cfg, p = transforms.add_task_rows(cfg, p, 1, jax.random.fold_in(keys[i], 0))
-      cfg, p = transforms.select_task_rows(cfg, p, [cfg.adapter.n_tasks - 1])
-    elif method in _MU:
-      cfg, p = transforms.to_mu(cfg, p)
-    per_pair.append((cfg, p))
-  cfg = per_pair[0][0]
-  labels = param_groups.param_labels(per_pair[0][1], method)
-  parts = [param_groups.partition(p, labels) for _, p in per_pair]
-  trainable = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
-                           *[t for t, _ in parts])
+  method = param_groups.canonical_method(method)
+  info = param_groups.METHOD_TABLE[method]
+  if _has_adapter(model_cfg, params):
+    per_pair = []
+    for key in keys:
+      cfg, p = model_cfg, params
+      if (info.new_task or method == "full") and cfg.adapter.uses_task_ids:
+        cfg, p = transforms.add_task_rows(cfg, p, 1, jax.random.fold_in(key, 0))
+        cfg, p = transforms.select_task_rows(cfg, p, [cfg.adapter.n_tasks - 1])
+      elif info.mu:
+        cfg, p = transforms.to_mu(cfg, p)
+      per_pair.append(p)
+  else:
+    if "none" not in info.starts_from:
+      raise ValueError(f"adaptation method {method!r} needs a pre-trained adapter of kind "
+                       f"{info.starts_from}; the given params have no adapter")
+    cfg, per_pair = _fresh_adapter(model_cfg, params, keys)
+  labels = param_groups.param_labels(per_pair[0], method)
+  parts = [param_groups.partition(p, labels) for p in per_pair]
+  trainable = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[t for t, _ in parts])
   return cfg, labels, parts[0][1], trainable
 
 
@@ -159,98 +197,190 @@ def dev_loss(evaluate, frozen, trainable, dev_batches, model_cfg) -> np.ndarray:
   return sum(total_sums[k] / np.maximum(total_counts[k], 1e-9) for k in total_sums)
 
 
-def _run_pairs(step_fn, init_fn, evaluate, model_cfg, frozen, trainable, keys, get_batch, *,
-               num_steps, dev_batches, eval_every, mesh, progress):
-  """The training loop over stacked pairs; returns (trainable, losses, dev_losses, best_step)."""
-  place = lambda tree, sharding: tree if mesh is None else jax.device_put(tree, sharding)
-  pair_batch_sharding = (None if mesh is None
-                         else NamedSharding(mesh, P(None, partitioning.BATCH_AXES)))
-  trainable = place(trainable, None if mesh is None else partitioning.replicated(mesh))
-  opt_state = init_fn(trainable)
-  n_pairs = len(keys)
-  selecting = bool(dev_batches) and eval_every > 0
-  best, best_loss = None, np.full((n_pairs,), np.inf)
-  best_step = np.full((n_pairs,), num_steps)
-  train_losses, dev_losses = [], []
-  for step in range(num_steps):
-    batch = place(_pair_batch(get_batch(step), model_cfg), pair_batch_sharding)
-    trainable, opt_state, metrics = step_fn(frozen, trainable, opt_state, batch, keys, step)
-    train_losses.append(metrics["loss"])
+class Resume(Protocol):
+  """Where adaptation saves and finds its training state (fewshot.py backs it with orbax).
+
+  `every`: save every this many steps (and at each pair group's last step, and whenever
+  `stop_requested()`). `restore(target)` returns (group, step, state) of the latest save, laid out like
+  `target` (a state dict as `_initial_state` makes), or None. `save(group, step, state)` stores one (and
+  may end the run by raising, e.g. after a SIGTERM)."""
+  every: int
+
+  def restore(self, target: dict) -> tuple[int, int, dict] | None: ...
+
+  def save(self, group: int, step: int, state: dict) -> None: ...
+
+  def stop_requested(self) -> bool: ...
+
+
+_TREES = ("trainable", "opt_state", "best")  # device trees, leaves (N, ...); the rest: NumPy arrays
+
+
+def _eval_steps(num_steps: int, eval_every: int) -> list[int]:
+  """The steps (1-based) after which best-on-dev selection scores the pairs."""
+  if eval_every <= 0:
+    return []
+  return sorted({s for s in range(eval_every, num_steps + 1, eval_every)} | {num_steps})
+
+
+def _initial_state(trainable, init_fn, num_steps: int, n_evals: int) -> dict:
+  """Every pair's training state, stacked (N, ...); not-yet-run losses and scores are NaN."""
+  n = jax.tree.leaves(trainable)[0].shape[0]
+  return {"trainable": trainable, "opt_state": init_fn(trainable),
+          "best": jax.tree.map(jnp.copy, trainable) if n_evals else None,
+          "best_score": np.full((n,), -np.inf), "best_step": np.full((n,), num_steps, np.int64),
+          "losses": np.full((num_steps, n), np.nan, np.float32),
+          "scores": np.full((n_evals, n), np.nan, np.float64)}
+
+
+def _with_group(state: dict, trees: dict, g: slice, whole: bool) -> dict:
+  """`state` with the device trees of group g replaced (`whole`: g is every pair)."""
+  out = dict(state)
+  for k, v in trees.items():
+    if v is not None:
+      out[k] = v if whole else jax.tree.map(lambda full, part: jnp.asarray(full).at[g].set(part), state[k], v)
+  return out
+
+
+def _run_group(step_fn, select, model_cfg, frozen, state: dict, g: slice, keys, get_batch, *,
+               start_step: int, num_steps: int, eval_steps: list[int], mesh, progress, on_step) -> dict:
+  """Trains the pairs of group g from `start_step` to `num_steps`; returns the updated state.
+
+  The group's device trees are sliced out once; the NumPy logs (losses, scores, best_*) are written
+  in place. on_step(step, state) runs after every step with the whole state (for checkpoints).
+  """
+  whole = g == slice(0, len(keys))
+  place_tree, place_batch = _placer(mesh)
+  trees = {k: None if state[k] is None else place_tree(state[k] if whole else _slice(state[k], g))
+           for k in _TREES}
+  group_keys = keys[g]
+  pending = []  # (step, device loss): fetched in bulk, so the host never waits on every step
+
+  def flush():
+    for done, loss in zip([p for p, _ in pending], jax.device_get([x for _, x in pending])):
+      state["losses"][done, g] = loss
+    pending.clear()
+
+  def current():
+    flush()
+    return _with_group(state, trees, g, whole)
+
+  for step in range(start_step, num_steps):
+    batch = place_batch(_pair_batch(_slice(get_batch(step), g), model_cfg))
+    trees["trainable"], trees["opt_state"], metrics = step_fn(
+        frozen, trees["trainable"], trees["opt_state"], batch, group_keys, step)
+    pending.append((step, metrics["loss"]))
     if progress is not None:
       progress(1)
-    if selecting and ((step + 1) % eval_every == 0 or step + 1 == num_steps):
-      dev = dev_loss(evaluate, frozen, trainable, dev_batches, model_cfg)
-      dev_losses.append(dev)
-      better = dev < best_loss
-      best_loss = np.where(better, dev, best_loss)
-      best_step = np.where(better, step + 1, best_step)
+    if step + 1 in eval_steps:
+      score = np.asarray(select(frozen, trees["trainable"], g), np.float64)
+      better = score > state["best_score"][g]
+      state["scores"][eval_steps.index(step + 1), g] = score
+      state["best_score"][g] = np.where(better, score, state["best_score"][g])
+      state["best_step"][g] = np.where(better, step + 1, state["best_step"][g])
       # New arrays, never aliases of `trainable`, which the next step donates.
-      if best is None:
-        best = jax.tree.map(jnp.copy, trainable)
-      else:
-        mask = jnp.asarray(better)
-        best = jax.tree.map(lambda b, t: jnp.where(mask.reshape((-1,) + (1,) * (t.ndim - 1)),
-                                                   t, b), best, trainable)
-  final = best if selecting else trainable
-  return (final, np.stack([np.asarray(x) for x in train_losses]),
-          np.stack(dev_losses) if selecting else None, best_step)
+      mask = jnp.asarray(better)
+      trees["best"] = jax.tree.map(lambda b, t: jnp.where(mask.reshape((-1,) + (1,) * (t.ndim - 1)), t, b),
+                                   trees["best"], trees["trainable"])
+    if on_step is not None:
+      on_step(step + 1, current)
+  return current()
+
+
+def _placer(mesh):
+  """(place a pair-state tree, place a pair batch): replicated states, batches split per pair."""
+  if mesh is None:
+    return (lambda tree: tree), (lambda batch: batch)
+  repl = partitioning.replicated(mesh)
+  pair_batch = NamedSharding(mesh, P(None, partitioning.BATCH_AXES))
+  return (lambda tree: jax.device_put(tree, repl)), (lambda batch: jax.device_put(batch, pair_batch))
+
+
+def _slice(tree, g: slice):
+  return jax.tree.map(lambda x: x[g], dict(tree) if isinstance(tree, Mapping) else tree)
 
 
 def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.OptimizerConfig,
           loss_cfg: losses.LossConfig, get_batch: BatchFn, keys: jax.Array, num_steps: int, *,
-          dev_batches=None, eval_every: int = 0, sequential: bool | None = None,
-          mesh=None, progress: Callable[[int], Any] | None = None) -> AdaptationResult:
+          dev_batches=None, select=None, eval_every: int = 0, sequential: bool | None = None,
+          mesh=None, progress: Callable[[int], Any] | None = None,
+          resume: Resume | None = None) -> AdaptationResult:
   """Adapts N (task, seed) pairs at once.
 
   Args:
-    method: one of METHODS.  model_cfg, params: the pre-trained model (unboxed params).
-    opt_cfg: optimizer for every pair (paper, T0: Adafactor 3e-3, 1000 steps, batch 8).
+    method: one of METHODS.  model_cfg, params: the pre-trained model (unboxed params), or a plain
+      base for a fresh adapter (see `prepare_pairs`).
+    opt_cfg: optimizer for every pair (paper, T0: Adafactor 3e-3, routing 0.1, 1000 steps, batch 8).
     get_batch: step -> dict of numpy arrays with leaves (N, B, ...), pair i's batch at index i
       (task ids are replaced by 0 for the adapted model).
     keys: (N,) PRNG keys (e.g. jax.random.key(seed) folded with the task index).
     num_steps: updates per pair; 0 returns the pairs' starting points untrained (zero-shot evaluation
-      of e.g. the skill-averaged "-mu" model, which equals uniform routing).
-    dev_batches: optional list of pair batches (N, B, ...); with eval_every > 0 the parameters
-      with the lowest dev loss (checked every eval_every steps and at the end) are returned.
+      of e.g. the skill-averaged "-mu" model, which equals uniform routing); pairs that would start
+      alike then share one copy (`AdaptationResult.pair_params` maps every pair to it).
+    dev_batches: optional list of pair batches (N, B, ...): with eval_every > 0 the parameters with
+      the lowest dev loss are kept (the score is the negated loss).
+    select: optional fn(model, frozen, trainable (n, ...), pairs: slice) -> (n,) dev scores of those
+      pairs (`model` is the adapted models.T5), higher is better (e.g. dev ROUGE-L); with eval_every > 0 it runs every eval_every steps and at
+      the end, and each pair keeps its best parameters. Give `select` or `dev_batches`, not both.
     sequential: run pairs one at a time (default: only for "full").
     mesh: optional; the frozen base is sharded by LOGICAL_RULES, pair states replicated, each
       pair's batch split over ('data', 'fsdp').
-    progress: optional callable(1) after every step of every pair group (a progress bar's update;
+    progress: optional callable(k) after every step of every pair group (a progress bar's update;
       sequential runs make num_steps steps per pair).
+    resume: optional `Resume`: the loop saves its state there and continues from the latest save,
+      exactly (same batches, same random numbers).
   """
-  method = _method(method)
+  method = param_groups.canonical_method(method)
   if num_steps < 0:
     raise ValueError(f"adaptation num_steps={num_steps}: must be >= 0")
+  if dev_batches is not None and select is not None:
+    raise ValueError("adapt: give select or dev_batches, not both")
   keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
-  cfg, labels, frozen, trainable = prepare_pairs(method, model_cfg, params, keys)
+  n_pairs = len(keys)
+  # Untrained pairs that draw nothing of their own are one model: keep a single copy (full: the base).
+  alike = num_steps == 0 and not param_groups.METHOD_TABLE[method].new_task
+  cfg, labels, frozen, trainable = prepare_pairs(method, model_cfg, params, keys[:1] if alike else keys)
   model = models.T5(cfg)
   if mesh is not None:
     shardings = partitioning.param_shardings(ts.abstract_boxed_params(model), mesh)
     _, frozen_shardings = param_groups.partition(shardings, labels)
     frozen = jax.device_put(frozen, frozen_shardings)
   if num_steps == 0:
-    return AdaptationResult(cfg, labels, frozen, trainable, np.zeros((0, len(keys)), np.float32), None,
-                            np.zeros((len(keys),), np.int64))
+    return AdaptationResult(cfg, labels, frozen, trainable, np.zeros((0, n_pairs), np.float32), None,
+                            np.zeros((n_pairs,), np.int64))
+  if dev_batches is not None:
+    evaluate = make_adaptation_eval(model, loss_cfg)
+    score = lambda f, t, g: -dev_loss(evaluate, f, t, [_slice(b, g) for b in dev_batches], cfg)  # noqa: E731
+  else:
+    score = None if select is None else functools.partial(select, model)
+  eval_steps = _eval_steps(num_steps, eval_every) if score is not None else []
   optimizer = optim.make_optimizer(opt_cfg, labels, num_steps)
   sequential = (method == "full") if sequential is None else sequential
+  groups = [slice(0, n_pairs)] if not sequential else [slice(i, i + 1) for i in range(n_pairs)]
   # Built once: sequential pairs reuse the same compiled programs.
-  step_fn = make_adaptation_step(model, optimizer, loss_cfg,
-                                 grad_accum_steps=opt_cfg.grad_accum_steps)
-  run = functools.partial(_run_pairs, step_fn, jax.jit(jax.vmap(optimizer.init)),
-                          make_adaptation_eval(model, loss_cfg), cfg, frozen,
-                          num_steps=num_steps, eval_every=eval_every, mesh=mesh, progress=progress)
-  groups = [slice(0, len(keys))] if not sequential else [slice(i, i + 1) for i in range(len(keys))]
-  outs = []
+  step_fn = make_adaptation_step(model, optimizer, loss_cfg, grad_accum_steps=opt_cfg.grad_accum_steps)
+  state = _initial_state(trainable, jax.jit(jax.vmap(optimizer.init)), num_steps, len(eval_steps))
+  first_group, first_step = 0, 0
+  if resume is not None:
+    saved = resume.restore(state)
+    if saved is not None:
+      first_group, first_step, state = saved
+      if progress is not None:
+        progress(first_group * num_steps + first_step)
+
+  def on_step(index, step, current):
+    if resume is not None and (step % resume.every == 0 or step == num_steps or resume.stop_requested()):
+      resume.save(index, step, current())
+
   with contextlib.ExitStack() as stack:
     if mesh is not None:
       stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(partitioning.LOGICAL_RULES))
-    for g in groups:
-      part = lambda tree, g=g: jax.tree.map(lambda x: x[g], dict(tree))
-      outs.append(run(part(trainable), keys[g], lambda s, part=part: part(get_batch(s)),
-                      dev_batches=[part(b) for b in dev_batches] if dev_batches else None))
-  trained = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[o[0] for o in outs])
-  dev = None if outs[0][2] is None else np.concatenate([o[2] for o in outs], axis=1)
-  return AdaptationResult(cfg, labels, frozen, trained,
-                          np.concatenate([o[1] for o in outs], axis=1), dev,
-                          np.concatenate([o[3] for o in outs]))
+    for index in range(first_group, len(groups)):
+      state = _run_group(step_fn, score, cfg, frozen, state, groups[index], keys, get_batch,
+                         start_step=first_step if index == first_group else 0, num_steps=num_steps,
+                         eval_steps=eval_steps, mesh=mesh, progress=progress,
+                         on_step=functools.partial(on_step, index))
+  final = state["best"] if eval_steps else state["trainable"]
+  return AdaptationResult(cfg, labels, frozen, final, state["losses"],
+                          state["scores"] if eval_steps else None, state["best_step"])

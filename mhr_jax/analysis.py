@@ -46,9 +46,10 @@ import numpy as np
 from flax import traverse_util
 
 from mhr_jax import config as config_lib
-from mhr_jax import losses, models, train, train_step
+from mhr_jax import losses, models, train_step
 from mhr_jax.adapters import layers as adapter_layers
 from mhr_jax.adapters import params as params_lib
+from mhr_jax.errors import RunError
 from mhr_jax.logging_utils import banner, log, setup_console
 from mhr_jax.run_checkpoints import (checkpoint_steps, restore_params, write_bytes_atomic, write_json_atomic,
                                      write_text_atomic)
@@ -211,9 +212,9 @@ def gradient_group(cfg: config_lib.ExperimentConfig) -> str:
 
 
 def gradient_leaves(cfg: config_lib.ExperimentConfig, params) -> list[tuple[str, ...]]:
-  """Paths of the leaves in `gradient_group` under the run's parameter rules (train.param_rules)."""
+  """Paths of the leaves in `gradient_group` under the run's parameter rules (config.param_rules)."""
   group = gradient_group(cfg)
-  labels = _flat(params_lib.param_labels(params, train.param_rules(cfg), require_trainable=False))
+  labels = _flat(params_lib.param_labels(params, config_lib.param_rules(cfg), require_trainable=False))
   leaves = [path for path, label in labels.items() if label == group]
   if not leaves:
     raise AnalysisError(f"the run's parameter rules train no {group!r} parameters (RunConfig.param_rules"
@@ -446,9 +447,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, int, str]:
 def load_config(run_dir: str) -> config_lib.ExperimentConfig:
   """The run's ExperimentConfig from RUN_DIR/config.gin, with RunConfig.model_dir set to run_dir (so a
   moved run directory still finds its own files, e.g. the synthetic data)."""
-  flags = argparse.Namespace(gin_file=[os.path.join(run_dir, "config.gin")],
-                             gin_bindings=[f"RunConfig.model_dir = {run_dir!r}"], gin_search_paths=[])
-  cfg, _ = train.load_run_config(flags)
+  cfg, _ = config_lib.load_run_config([os.path.join(run_dir, "config.gin")],
+                                      [f"RunConfig.model_dir = {run_dir!r}"])
   if cfg.run.mode != "pretrain":
     raise AnalysisError(f"--run_dir={run_dir}: RunConfig.mode={cfg.run.mode!r}; give a pre-training run "
                         "directory")
@@ -468,7 +468,8 @@ def run(args: argparse.Namespace) -> int:
            acfg.n_skills, acfg.n_splits, out)
 
   banner("data")
-  registration, _ = train.register_data(cfg)
+  from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  registration, _ = data.register_data(cfg)
   names = list(registration.mixtures.get(cfg.data.task, ()))
   if len(names) < 2:
     raise AnalysisError(f"DataConfig.task={cfg.data.task!r}: the analysis compares the tasks of a "
@@ -562,13 +563,20 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
+def analyze(run_dir: str, step: int | None = None, out: str | None = None, grad_batches: int = 4,
+            batch_size: int = 8) -> int:
+  """The analysis of one pre-training run (what `python -m mhr_jax.analysis` runs); returns 0."""
+  return run(argparse.Namespace(run_dir=run_dir, step=step, out=out, grad_batches=grad_batches,
+                                batch_size=batch_size))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
     args = parse_flags(argv)
     setup_console()
     return run(args)
-  except (AnalysisError, config_lib.ConfigError, train.RunError, FileNotFoundError) as e:
+  except (AnalysisError, config_lib.ConfigError, RunError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
 

@@ -11,16 +11,23 @@ Bindable (gin selector names):
   AdaptConfig     few-shot adaptation (mode "adapt"): method, tasks, shots, seeds
 T5X-style macros (`MODEL_DIR`, `TRAIN_STEPS`) are ordinary gin macros that the config files use.
 Errors are ConfigError (a ValueError) with one line naming the file, flag or key.
+
+`load_run_config` turns gin files and flags into one checked `ExperimentConfig`; with a gin scope
+(e.g. "pretrain") bindings written `pretrain/OptimizerConfig.adapter_lr = ...` take precedence, which
+is how one experiment file configures its stages. `to_gin` writes a config back as explicit bindings.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import json
 import os
 import re
 from typing import Any, Sequence
 
 import gin
 
+from mhr_jax.adapters import params as params_lib
 from mhr_jax.adapters.config import AdapterConfig
 from mhr_jax.losses import LossConfig
 from mhr_jax.models.config import T5Config, preset
@@ -31,13 +38,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("pretrain", "adapt")
 SOURCES = ("synthetic", "superni", "t0")
 HOST_INPUTS = ("global", "sharded")
-ADAPT_METHODS = ("poly", "mhr", "poly-z", "mhr-z", "poly-mu", "mhr-mu", "lora", "ia3", "private_lora",
-                 "full")
-# The pre-trained adapter kinds each adaptation method starts from.
-ADAPT_KINDS = {"poly": ("poly", "mhr"), "mhr": ("poly", "mhr"), "poly-z": ("poly", "mhr"),
-               "mhr-z": ("poly", "mhr"), "poly-mu": ("poly", "mhr"), "mhr-mu": ("poly", "mhr"),
-               "lora": ("lora",), "ia3": ("ia3",), "private_lora": ("private_lora",),
-               "full": ("none", "lora", "ia3", "private_lora", "poly", "mhr")}
+PROMPTS = ("tk_instruct", "definition", "input_only")
+T0_CAPS = ("authors", "t0")
+SELECT_METRICS = ("rougeL", "loss")
+INIT_TRANSFORMS = ("mu",)
 # The gin sections that fix the parameter tree; a run directory refuses a config that changes them.
 MODEL_SECTIONS = ("ModelConfig", "AdapterConfig")
 
@@ -57,6 +61,16 @@ def _check(checks: Sequence[tuple[bool, str]]) -> None:
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)
+
+
+def check_local_paths(section: str, obj, names: Sequence[str]) -> None:
+  """ConfigError for a URL (gs://...) in a path field: run directories and data are read and written with
+  POSIX file calls, and os.path would quietly turn 'gs://b/x' into a local folder 'gs:/b/x'."""
+  for name in names:
+    value = getattr(obj, name)
+    if isinstance(value, str) and "://" in value:
+      raise ConfigError(f"{section}.{name}={value!r}: URLs are not read directly; mount the bucket (e.g. "
+                        "gcsfuse) and give its local path (launch/README.md)")
 
 
 @gin.configurable
@@ -94,8 +108,19 @@ class DataConfig:
     synthetic_train_tasks, synthetic_test_tasks, synthetic_instances, synthetic_seed: the
       synthetic suite (tasks/synthetic.py).
     max_train_instances: SuperNI instances per training task (METHODS.md: <= 100).
-    prompt, num_pos_examples: SuperNI input format ("tk_instruct" or "input_only").
+    prompt, num_pos_examples: SuperNI-format input ("tk_instruct": the task definition and
+      num_pos_examples positive examples before the instance; "definition": the definition, then the
+      instance, without Tk-Instruct's boilerplate; "input_only": the instance input alone, so the task
+      id is the only task signal). None: the source's default, "tk_instruct" for superni,
+      "input_only" for the synthetic suite.
+    test_task_list: SuperNI-format sources: a task-list file (one task per line) naming the held-out
+      tasks that adaptation uses, instead of splits/default/test_tasks.txt; relative paths are also
+      looked up in the repository (tasks/superni_test_tasks_20.txt is the authors' common 20-task
+      subset).
     catalog: the T0 dataset/template list (source "t0"); None: tasks/t0_datasets.json.
+    t0_cap: T0 training-mixture cap (METHODS.md): "authors" (their code: every (dataset, template)
+      task keeps at most 500k // (number of templates) examples) or "t0" (the original T0 rule: a
+      dataset's templates are capped that way only when the dataset has more than 500k examples).
   """
   source: str = "synthetic"
   task: str = "synthetic_train"
@@ -112,12 +137,21 @@ class DataConfig:
   synthetic_instances: int = 200
   synthetic_seed: int = 0
   max_train_instances: int = 100
-  prompt: str = "tk_instruct"
+  prompt: str | None = None
   num_pos_examples: int = 0
+  test_task_list: str | None = None
   catalog: str | None = None
+  t0_cap: str = "authors"
 
   def __post_init__(self):
+    check_local_paths("DataConfig", self, ("data_dir", "vocabulary", "catalog", "test_task_list"))
     _check([
+        (self.prompt is None or self.prompt in PROMPTS,
+         f"DataConfig.prompt={self.prompt!r}: expected one of {PROMPTS} or None"),
+        (self.t0_cap in T0_CAPS, f"DataConfig.t0_cap={self.t0_cap!r}: expected one of {T0_CAPS}"),
+        (self.test_task_list is None or self.source != "t0",
+         "DataConfig.test_task_list is for SuperNI-format sources; T0 held-out datasets come from "
+         "the catalog (AdaptConfig.tasks selects some)"),
         (self.source in SOURCES, f"DataConfig.source={self.source!r}: expected one of {SOURCES}"),
         (bool(self.task), "DataConfig.task: must name a SeqIO task or mixture"),
         (self.batch_size >= 1, f"DataConfig.batch_size={self.batch_size}: must be >= 1"),
@@ -133,6 +167,24 @@ class DataConfig:
     if self.catalog is not None and (self.source != "t0" or not os.path.isfile(self.catalog)):
       raise ConfigError(f"DataConfig.catalog={self.catalog!r}: " + (
           "no such file" if self.source == "t0" else "only used with DataConfig.source='t0'"))
+    if self.test_task_list is not None:
+      object.__setattr__(self, "test_task_list", _repo_file(self.test_task_list,
+                                                            "DataConfig.test_task_list"))
+
+  @property
+  def input_prompt(self) -> str:
+    """The effective SuperNI-format prompt (the source's default when `prompt` is None)."""
+    if self.prompt is not None:
+      return self.prompt
+    return "input_only" if self.source == "synthetic" else "tk_instruct"
+
+
+def _repo_file(path: str, key: str) -> str:
+  """`path` as given when it exists, else relative to the repository root; ConfigError otherwise."""
+  for candidate in (path, os.path.join(REPO_ROOT, path)):
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise ConfigError(f"{key}={path!r}: no such file")
 
 
 @gin.configurable
@@ -148,8 +200,13 @@ class RunConfig:
     keep_checkpoints: most recent checkpoints kept.
     seed: model init, dropout / Gumbel noise and data order.
     mode: "pretrain" (multi-task training of the adapted model) or "adapt" (few-shot adaptation
-      from `pretrain_dir`, see AdaptConfig).
-    init_checkpoint: Hugging Face T5 directory with the base weights (None: random init).
+      from `pretrain_dir` or `init_checkpoint`, see AdaptConfig).
+    init_checkpoint: Hugging Face T5 directory with the base weights (None: random init). With mode
+      "adapt", adaptation starts from these base weights (a fresh adapter, or full fine-tuning).
+    init_run: pre-training only: a run directory whose latest checkpoint gives the starting weights
+      (e.g. a trained base, or an inventory to average); leaves it lacks keep their fresh init.
+    init_transform: with init_run: "mu" averages that run's Poly / MHR skills into one plain LoRA
+      (transforms.to_mu) first: the start of zero-shot MHR-mu (AdapterConfig.kind 'lora').
     pretrain_dir: a pre-training run directory (its config.gin and latest checkpoint); adapt only.
     async_checkpoints: orbax writes in the background after copying arrays to host.
     param_rules: ((regex, group), ...) deciding which parameters train (groups: frozen, adapters,
@@ -164,11 +221,14 @@ class RunConfig:
   seed: int = 0
   mode: str = "pretrain"
   init_checkpoint: str | None = None
+  init_run: str | None = None
+  init_transform: str | None = None
   pretrain_dir: str | None = None
   async_checkpoints: bool = True
   param_rules: tuple | None = None
 
   def __post_init__(self):
+    check_local_paths("RunConfig", self, ("model_dir", "init_checkpoint", "init_run", "pretrain_dir"))
     _check([
         (bool(self.model_dir), "RunConfig.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\""),
         (self.train_steps >= (0 if self.mode == "adapt" else 1),
@@ -182,10 +242,17 @@ class RunConfig:
         (self.mode in MODES, f"RunConfig.mode={self.mode!r}: expected one of {MODES}"),
         (self.mode == "adapt" or self.pretrain_dir is None,
          "RunConfig.pretrain_dir is only used with RunConfig.mode='adapt'"),
-        (self.mode == "pretrain" or bool(self.pretrain_dir),
-         "RunConfig.mode='adapt' needs RunConfig.pretrain_dir (a pre-training run directory)"),
-        (self.mode == "pretrain" or self.init_checkpoint is None,
-         "RunConfig.init_checkpoint is for pre-training; adaptation starts from pretrain_dir"),
+        (self.mode == "pretrain" or bool(self.pretrain_dir) != bool(self.init_checkpoint),
+         "RunConfig.mode='adapt' starts from RunConfig.pretrain_dir (a pre-training run directory) "
+         "or RunConfig.init_checkpoint (a Hugging Face base): give exactly one"),
+        (self.init_run is None or self.mode == "pretrain",
+         "RunConfig.init_run is for pre-training; adaptation starts from RunConfig.pretrain_dir"),
+        (self.init_run is None or self.init_checkpoint is None,
+         "RunConfig.init_run and RunConfig.init_checkpoint both give starting weights: give one"),
+        (self.init_transform is None or self.init_transform in INIT_TRANSFORMS,
+         f"RunConfig.init_transform={self.init_transform!r}: expected one of {INIT_TRANSFORMS} or None"),
+        (self.init_transform is None or self.init_run is not None,
+         "RunConfig.init_transform applies to RunConfig.init_run; set init_run too"),
     ])
     if self.init_checkpoint is not None and not os.path.isdir(self.init_checkpoint):
       raise ConfigError(f"RunConfig.init_checkpoint={self.init_checkpoint!r}: no such directory")
@@ -202,10 +269,11 @@ class AdaptConfig:
   match), T0 by rank classification of every original-task template (accuracy; median over templates).
 
   Attributes:
-    method: one of ADAPT_METHODS. poly/mhr: a fresh routing row per new task, routing and adapters
-      train; *-z: only the new routing row trains; *-mu: the skills averaged into one LoRA, which
-      trains; lora, ia3, private_lora: those baselines; full: every weight. The pre-trained adapter
-      kind must fit (ADAPT_KINDS).
+    method: one of adapters.params.METHODS. poly/mhr: a fresh routing row per new task, routing
+      and adapters train; *-z: only the new routing row trains; *-mu: the skills averaged into one
+      LoRA, which trains; lora, ia3, private_lora: those baselines; full: every weight. The
+      pre-trained adapter kind must fit (adapters.params.METHOD_TABLE "starts_from"); from a plain
+      base (kind "none", or RunConfig.init_checkpoint) the AdapterConfig describes a fresh adapter.
     tasks: SuperNI-format sources: task names (as in the data's task list); T0: held-out dataset
       names of the catalog (e.g. "super_glue/rte"). Empty: every test task / held-out dataset.
     shots: training examples per task (k) for SuperNI-format sources; one of the few-shot splits the
@@ -214,9 +282,11 @@ class AdaptConfig:
     evaluate: evaluate every pair on its test data after training.
     eval_batch_size: examples per evaluation batch (None: DataConfig.batch_size); a multiple of the
       mesh batch shards.
-    select_every: best-on-dev: every this many steps (and at the end) compute each pair's loss on its
-      dev_k<shots>_seed<seed> split and keep the parameters with the lowest one; 0 (the default) keeps
-      the last step's. SuperNI-format sources only (T-Few's T0 protocol has no dev split).
+    select_every: best-on-dev: every this many steps (and at the end) score each pair on its
+      dev_k<shots>_seed<seed> split and keep the parameters with the best score; 0 (the default)
+      keeps the last step's. SuperNI-format sources only (T-Few's T0 protocol has no dev split).
+    select_metric: the dev score: "rougeL" (greedy decoding of the dev split, the authors' model
+      selection) or "loss" (teacher-forced dev loss, lower is better; cheaper).
   """
   method: str = "mhr"
   tasks: tuple = ()
@@ -225,13 +295,16 @@ class AdaptConfig:
   evaluate: bool = True
   eval_batch_size: int | None = None
   select_every: int = 0
+  select_metric: str = "rougeL"
 
   def __post_init__(self):
     object.__setattr__(self, "tasks", tuple(self.tasks))
     object.__setattr__(self, "seeds", tuple(self.seeds))
     _check([
-        (self.method in ADAPT_METHODS,
-         f"AdaptConfig.method={self.method!r}: expected one of {ADAPT_METHODS}"),
+        (self.method in params_lib.METHODS,
+         f"AdaptConfig.method={self.method!r}: expected one of {params_lib.METHODS}"),
+        (self.select_metric in SELECT_METRICS,
+         f"AdaptConfig.select_metric={self.select_metric!r}: expected one of {SELECT_METRICS}"),
         (self.shots >= 1, f"AdaptConfig.shots={self.shots}: must be >= 1"),
         (len(self.seeds) >= 1, "AdaptConfig.seeds: give at least one seed"),
         (self.eval_batch_size is None or self.eval_batch_size >= 1,
@@ -253,7 +326,7 @@ class ExperimentConfig:
   adapt: AdaptConfig
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
   """gin appends context lines ("In file ...", "In call to configurable ..."); keep them short."""
   lines = [line.strip() for line in str(e).splitlines()
            if line.strip() and not line.strip().startswith(("In call to configurable", "In bindings string"))]
@@ -275,6 +348,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   directory, then the repository root (so `configs/tiny.gin` works from anywhere).
   Raises ConfigError naming the file or binding that failed.
   """
+  # Registers `Experiment`, so experiment files parse wherever configs are read (a cycle at import time).
+  from mhr_jax import experiment_plan  # pylint: disable=g-import-not-at-top,unused-import
   gin.clear_config()
   prefixes = (*search_paths, os.getcwd(), REPO_ROOT)
   for prefix in prefixes:
@@ -291,7 +366,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     except (IOError, ValueError, SyntaxError, TypeError) as e:
       # gin's package-resource reader fails this way on a missing include under a directory
       # that Python sees as a namespace package (configs/).
-      message = _one_line(e).replace("expected str, bytes or os.PathLike object, not NoneType",
+      message = one_line(e).replace("expected str, bytes or os.PathLike object, not NoneType",
                                      "included file not found")
       raise ConfigError(f"--gin_file={path}: {message}") from None
   for binding in bindings:
@@ -301,11 +376,11 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
       hint = ""
       if isinstance(e, SyntaxError):
         hint = " (gin literals: strings need quotes, e.g. --gin.MODEL_DIR=\"'/some/dir'\")"
-      raise ConfigError(f"--gin.{binding}: {_one_line(e)}{hint}") from None
+      raise ConfigError(f"--gin.{binding}: {one_line(e)}{hint}") from None
   try:
     gin.finalize()  # fails on macros left at %gin.REQUIRED
   except ValueError as e:
-    raise ConfigError(_one_line(e)) from None
+    raise ConfigError(one_line(e)) from None
 
 
 def _build_model(model_cfg: ModelConfig, adapter: AdapterConfig, base: T5Config | None) -> T5Config:
@@ -322,6 +397,7 @@ def _build_model(model_cfg: ModelConfig, adapter: AdapterConfig, base: T5Config 
 def load_config(base_model: T5Config | None = None) -> ExperimentConfig:
   """Instantiates every config dataclass from the parsed gin config (see `parse_gin`).
 
+  Called inside `gin.config_scope(scope)`, a binding `scope/Key.param` wins over `Key.param`.
   Args:
     base_model: the architecture of RunConfig.init_checkpoint when there is one (then
       ModelConfig.preset is not used).
@@ -335,18 +411,114 @@ def load_config(base_model: T5Config | None = None) -> ExperimentConfig:
                            optimizer=_OPTIMIZER(), mesh=_MESH(), run=RunConfig(),
                            adapt=AdaptConfig())
   except (ValueError, TypeError) as e:  # gin adds context lines to errors raised in calls
-    raise ConfigError(_one_line(e)) from None
+    raise ConfigError(one_line(e)) from None
   kind = cfg.model.adapter.kind
-  if cfg.run.mode == "adapt" and kind not in ADAPT_KINDS[cfg.adapt.method]:
-    raise ConfigError(f"AdaptConfig.method={cfg.adapt.method!r} starts from a pre-trained adapter of "
-                      f"kind {ADAPT_KINDS[cfg.adapt.method]}, not AdapterConfig.kind={kind!r}")
+  if cfg.run.mode == "adapt":
+    method = params_lib.method_info(cfg.adapt.method)
+    # A plain base ("none") is only adapted by full fine-tuning; every other kind must be one the
+    # method starts from (pre-trained, or fresh on a base).
+    if kind not in method.starts_from or (kind == "none" and cfg.adapt.method != "full"):
+      allowed = tuple(k for k in method.starts_from if k != "none" or cfg.adapt.method == "full")
+      raise ConfigError(f"AdaptConfig.method={cfg.adapt.method!r} adapts an adapter of kind {allowed}, "
+                        f"not AdapterConfig.kind={kind!r}")
   if cfg.run.mode == "pretrain" and cfg.model.adapter.anneal_steps > cfg.run.train_steps:
     raise ConfigError(f"AdapterConfig.anneal_steps={cfg.model.adapter.anneal_steps} exceeds "
                       f"RunConfig.train_steps={cfg.run.train_steps}")
   if cfg.run.mode == "pretrain" and cfg.model.adapter.uses_task_ids and cfg.model.adapter.n_tasks < 2:
     raise ConfigError(f"AdapterConfig.n_tasks={cfg.model.adapter.n_tasks}: multi-task "
                       f"pre-training of kind {cfg.model.adapter.kind!r} needs one row per task")
+  if cfg.run.init_transform == "mu" and kind != "lora":
+    raise ConfigError(f"RunConfig.init_transform='mu' makes a plain LoRA: set AdapterConfig.kind='lora', "
+                      f"not {kind!r}")
   return cfg
+
+
+def hf_architecture(init_checkpoint: str) -> T5Config:
+  """The T5Config of a Hugging Face directory's config.json (the weights are read later)."""
+  from mhr_jax.checkpoints import hf_t5  # pylint: disable=g-import-not-at-top
+  path = os.path.join(init_checkpoint, hf_t5.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"RunConfig.init_checkpoint={init_checkpoint!r}: no {hf_t5.CONFIG_FILE}")
+  try:
+    with open(path) as f:
+      return hf_t5.config_from_hf(json.load(f), path)
+  except ValueError as e:  # includes json.JSONDecodeError
+    raise ConfigError(f"RunConfig.init_checkpoint: {e}") from None
+
+
+def load_run_config(gin_files: Sequence[str], bindings: Sequence[str] = (),
+                    search_paths: Sequence[str] = (), scope: str | None = None
+                    ) -> tuple[ExperimentConfig, str]:
+  """Parses gin, builds and validates every config, checks the run directory; writes nothing.
+
+  Args:
+    gin_files, bindings, search_paths: as `parse_gin`.
+    scope: a gin scope whose bindings take precedence (an experiment's stage), or None.
+  Returns:
+    (config, its text for MODEL_DIR/config.gin): gin's operative config without a scope, else the
+    resolved bindings (`to_gin`), which rerun the stage with `python -m mhr_jax.train`.
+  """
+  parse_gin(gin_files, bindings, search_paths)
+  with gin.config_scope(scope):
+    cfg = load_config()
+    if cfg.run.init_checkpoint:
+      cfg = load_config(base_model=hf_architecture(cfg.run.init_checkpoint))
+  text = operative_config() if scope is None else to_gin(cfg)
+  check_run_dir(cfg.run.model_dir, text)
+  return cfg, text
+
+
+def param_rules(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+  """Which parameters pre-training trains: RunConfig.param_rules, else the adapter kind's rules."""
+  if cfg.run.param_rules is not None:
+    return [tuple(rule) for rule in cfg.run.param_rules]
+  return params_lib.default_rules(params_lib.pretraining_method(cfg.model.adapter.kind))
+
+
+def build_mesh(cfg: ExperimentConfig):
+  """The device mesh, and a check that the global batch splits over its batch axes and processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mhr_jax import partitioning  # pylint: disable=g-import-not-at-top
+  try:
+    mesh = partitioning.make_mesh(cfg.mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  axes = f"(MeshConfig.data x MeshConfig.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})"
+  batch, accum = cfg.data.batch_size, cfg.optimizer.grad_accum_steps
+  if batch % shards:
+    raise ConfigError(f"DataConfig.batch_size={batch} is not divisible by the mesh batch axes {axes}")
+  if batch % jax.process_count():
+    raise ConfigError(f"DataConfig.batch_size={batch} is not divisible by the {jax.process_count()} processes")
+  eval_batch = cfg.adapt.eval_batch_size
+  if cfg.run.mode == "adapt" and eval_batch and eval_batch % shards:
+    raise ConfigError(f"AdaptConfig.eval_batch_size={eval_batch} is not divisible by the mesh batch axes {axes}")
+  if batch % accum or (batch // accum) % shards:
+    raise ConfigError(
+        f"OptimizerConfig.grad_accum_steps={accum}: DataConfig.batch_size={batch} must split into "
+        f"{accum} micro-batches that divide over the {shards} mesh batch shards")
+  return mesh
+
+
+_SECTIONS = ("ModelConfig", "AdapterConfig", "DataConfig", "LossConfig", "OptimizerConfig", "MeshConfig",
+             "RunConfig", "AdaptConfig")
+
+
+def to_gin(cfg: ExperimentConfig, header: str = "") -> str:
+  """The config as explicit gin bindings, one per line (every field, defaults included).
+
+  Parsing the text back (`parse_gin`, no scope) gives an equal ExperimentConfig, so a stage of an
+  experiment can be rerun alone with `python -m mhr_jax.train --gin_file=<its config.gin>`.
+  """
+  sections = {"ModelConfig": cfg.model_cfg, "AdapterConfig": cfg.model.adapter, "DataConfig": cfg.data,
+              "LossConfig": cfg.loss, "OptimizerConfig": cfg.optimizer, "MeshConfig": cfg.mesh,
+              "RunConfig": cfg.run, "AdaptConfig": cfg.adapt}
+  lines = [f"# {line}".rstrip() for line in header.splitlines()]
+  for name in _SECTIONS:
+    lines += ["", f"# Parameters for {name}:"]
+    value = sections[name]
+    lines += [f"{name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
+  return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def operative_config() -> str:
@@ -356,11 +528,12 @@ def operative_config() -> str:
   return re.sub(r"(?m)^# =+$", "# " + "=" * 78, text)
 
 
-def model_section(config_text: str) -> dict[str, str]:
-  """{binding key: value text} of the ModelConfig / AdapterConfig bindings, macros substituted.
+def model_section(config_text: str, sections: Sequence[str] = MODEL_SECTIONS) -> dict[str, str]:
+  """{binding key: value text} of the `sections` bindings (default ModelConfig / AdapterConfig),
+  macros substituted.
 
   Args:
-    config_text: an operative config as `operative_config()` writes it (MODEL_DIR/config.gin).
+    config_text: a config as MODEL_DIR/config.gin holds it (`operative_config()` or `to_gin`).
   """
   macros, section = {}, {}
   for line in config_text.splitlines():
@@ -370,7 +543,7 @@ def model_section(config_text: str) -> dict[str, str]:
     key, value = match.groups()
     if "." not in key:
       macros[key] = value
-    elif key.split(".")[0] in MODEL_SECTIONS:
+    elif key.split(".")[0] in sections:
       section[key] = value
   substitute = lambda m: macros.get(m.group(1), m.group(0))  # noqa: E731
   for _ in range(8):  # macros may refer to macros
@@ -378,19 +551,50 @@ def model_section(config_text: str) -> dict[str, str]:
   return section
 
 
-def check_run_dir(model_dir: str, config_text: str, fix: str = "use a new MODEL_DIR") -> None:
+def _value(text: str | None):
+  """A binding's value as a Python literal when it is one (gin and `to_gin` format them alike up to
+  spacing and quotes), else its text."""
+  if text is None:
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text.strip()
+
+
+def saved_adapter_config(run_dir: str) -> AdapterConfig:
+  """The AdapterConfig a run directory's config.gin was written with (defaults for unset fields)."""
+  path = os.path.join(run_dir, "config.gin")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{run_dir}: no config.gin there (not a run directory)")
+  with open(path) as f:
+    section = model_section(f.read())
+  fields = {f.name for f in dataclasses.fields(AdapterConfig)}
+  values = {}
+  for key, text in section.items():
+    name, _, attr = key.partition(".")
+    if name == "AdapterConfig" and attr in fields:
+      values[attr] = _value(text)
+  try:
+    return AdapterConfig(**values)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{path}: AdapterConfig: {e}") from None
+
+
+def check_run_dir(model_dir: str, config_text: str, fix: str = "use a new MODEL_DIR",
+                  sections: Sequence[str] = MODEL_SECTIONS) -> None:
   """ConfigError when `model_dir` holds a run whose model/adapter config differs from this one.
 
-  Compares the ModelConfig and AdapterConfig bindings of MODEL_DIR/config.gin with
-  `config_text`; a run directory without config.gin is fresh.
+  Compares the `sections` bindings (default ModelConfig and AdapterConfig) of MODEL_DIR/config.gin
+  with `config_text`; a run directory without config.gin is fresh.
   """
   path = os.path.join(model_dir, "config.gin")
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = model_section(f.read())
-  current = model_section(config_text)
-  diffs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    saved = model_section(f.read(), sections)
+  current = model_section(config_text, sections)
+  diffs = sorted(k for k in set(saved) | set(current) if _value(saved.get(k)) != _value(current.get(k)))
   if diffs:
     key = diffs[0]
     raise ConfigError(

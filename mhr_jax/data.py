@@ -10,19 +10,44 @@ Batch sizes here are host-local: every yielded batch has `batch_size` rows of th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
-# JAX owns the accelerators; TensorFlow only reads and tokenizes data on the host.
-try:
-  tf.config.set_visible_devices([], "GPU")
-except (RuntimeError, ValueError):
-  pass  # devices already initialised by an earlier TensorFlow use
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+  """Sends file descriptor 2 to /dev/null for the duration: TensorFlow's C++ start-up notices (oneDNN,
+  "failed call to cuInit" without a GPU) are written there before any Python logging exists and read like
+  errors to a CPU user. Python exceptions still surface afterwards."""
+  try:
+    fd = sys.stderr.fileno()
+  except (AttributeError, OSError, ValueError):  # a captured stream (tests): nothing to silence
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(fd)
+  with open(os.devnull, "w") as null:
+    os.dup2(null.fileno(), fd)
+  try:
+    yield
+  finally:
+    os.dup2(saved, fd)
+    os.close(saved)
+
+
+with _quiet_native_stderr():
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # JAX owns the accelerators; TensorFlow only reads and tokenizes data on the host.
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except (RuntimeError, ValueError):
+    pass  # devices already initialised by an earlier TensorFlow use
 
 log = logging.getLogger(__name__)
 
@@ -480,3 +505,84 @@ def choice_train_batches(mixture_or_task_name: str, split: str, batch_size: int,
     order = rng.permutation(len(examples))[shard_index::num_shards]
     for start in range(0, len(order) - batch_size + 1, batch_size):
       yield {k: v[order[start:start + batch_size]] for k, v in grouped.items()}
+
+
+# ---------------------------------------------------------------- a run's data
+
+
+def register_data(cfg, **fewshot):
+  """Registers the SeqIO tasks of DataConfig.source for a run; returns (Registration, vocabulary).
+
+  Args:
+    cfg: config.ExperimentConfig.
+    fewshot: fewshot_seeds (all sources) and fewshot_ks (SuperNI-format sources) of the adaptation
+      splits to register.
+  Raises config.ConfigError when the vocabulary or the task ids do not fit the model.
+  """
+  from mhr_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from tasks import superni  # pylint: disable=g-import-not-at-top
+  d = cfg.data
+  vocabulary = get_vocabulary(d.vocabulary)
+  if vocabulary.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"DataConfig.vocabulary={d.vocabulary!r} has {vocabulary.vocab_size} ids but the "
+                      f"model's vocab_size is {cfg.model.vocab_size}")
+  lists = {"task_list_files": (d.test_task_list,)} if d.test_task_list else {}
+  input_format = superni.InputFormat(d.input_prompt, d.num_pos_examples, d.input_len)
+  if d.source == "synthetic":
+    from tasks import synthetic  # pylint: disable=g-import-not-at-top
+    out = d.data_dir or os.path.join(cfg.run.model_dir, "synthetic_data")
+    # Deterministic files written atomically: every process may write them.
+    registration = synthetic.register_synthetic(
+        out, vocabulary, n_train_tasks=d.synthetic_train_tasks, n_test_tasks=d.synthetic_test_tasks,
+        n_instances=d.synthetic_instances, seed=d.synthetic_seed, input_format=input_format, **lists,
+        **fewshot)
+    log.info("synthetic suite: %s", out)
+  elif d.source == "superni":
+    registration = superni.register_superni(
+        d.data_dir, vocabulary, max_train_instances=d.max_train_instances, input_format=input_format,
+        **lists, **fewshot)
+  else:
+    from tasks import t0  # pylint: disable=g-import-not-at-top
+    seeds = fewshot.get("fewshot_seeds")
+    registration = t0.register_t0(d.data_dir, vocabulary, catalog_path=d.catalog or t0.CATALOG,
+                                  fewshot_seeds=None if seeds is None else tuple(seeds), cap_rule=d.t0_cap)
+  names = registration.mixtures.get(d.task, ())
+  ids = [registration.task_ids[n] for n in names if n in registration.task_ids]
+  adapter = cfg.model.adapter
+  if cfg.run.mode == "pretrain" and ids and adapter.uses_task_ids and max(ids) >= adapter.n_tasks:
+    raise ConfigError(f"AdapterConfig.n_tasks={adapter.n_tasks} but {d.task} has task ids up to {max(ids)}; "
+                      f"set AdapterConfig.n_tasks={max(ids) + 1}")
+  log.info("data: %s/%s, %d tasks, vocabulary %s (%d ids)", d.task, d.split, len(names) or 1, d.vocabulary,
+           vocabulary.vocab_size)
+  return registration, vocabulary
+
+
+def heldout_tasks(cfg, registration) -> list[str]:
+  """The held-out tasks adaptation uses by default (SuperNI-format sources): those of
+  DataConfig.test_task_list, else of the source's test mixture."""
+  if cfg.data.test_task_list:
+    from tasks import seqio_name  # pylint: disable=g-import-not-at-top
+    stem = os.path.splitext(os.path.basename(cfg.data.test_task_list))[0]
+    return list(registration.mixtures[seqio_name(cfg.data.source, stem)])
+  return list(registration.mixtures[f"{cfg.data.source}_test"])
+
+
+def host_batches(cfg, skip: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+  """This process's rows of each global training batch, from batch number `skip` on (exact resume).
+
+  DataConfig.host_input "global": every process reads the global stream and keeps its own rows;
+  "sharded": each process reads its own shard of every task.
+  """
+  d = cfg.data
+  local = d.batch_size // process_count
+  common = dict(input_len=d.input_len, target_len=d.target_len, pack=d.pack, seed=cfg.run.seed)
+  if d.host_input == "global":
+    stream = train_batches(d.task, d.split, d.batch_size, **common)
+    take = lambda b: {k: v[process_index * local:(process_index + 1) * local] for k, v in b.items()}  # noqa: E731
+  else:
+    stream = train_batches(d.task, d.split, local, shard_index=process_index, num_shards=process_count, **common)
+    take = lambda b: b  # noqa: E731
+  for _ in range(skip):
+    next(stream)
+  for batch in stream:
+    yield take(batch)

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from mhr_jax import decoding, metrics, partitioning
 from mhr_jax import train_step as ts
+from mhr_jax.adapters.layers import check_task_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +74,15 @@ def _task_ids(model, batch: Mapping[str, np.ndarray], task_id: int | None):
     return None
   rows = len(batch["encoder_input_tokens"])
   if task_id is not None:
+    check_task_ids(np.asarray([task_id]), model.config.adapter.n_tasks)
     return np.full((rows,), task_id, np.int32)
   if "task_ids" not in batch:
     raise ValueError("evaluation batch has no 'task_ids' and no task_id was given; the model routes by task")
-  return np.asarray(batch["task_ids"], np.int32)
+  ids = np.asarray(batch["task_ids"], np.int32)
+  # Under jit an out-of-range id would take the last routing row silently: refuse it here.
+  check_task_ids(ids[np.asarray(batch["example_index"]) >= 0] if "example_index" in batch else ids,
+                 model.config.adapter.n_tasks)
+  return ids
 
 
 def _check_batch(batch: Mapping[str, np.ndarray], keys: tuple[str, ...]) -> None:

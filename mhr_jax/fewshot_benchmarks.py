@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from mhr_jax import data, evaluation, metrics
@@ -58,7 +59,7 @@ class SuperNIPairs:
   def __init__(self, cfg: ExperimentConfig, registration, vocabulary):
     a, d = cfg.adapt, cfg.data
     self._cfg, self._registration, self._vocabulary = cfg, registration, vocabulary
-    tasks = list(a.tasks) or list(registration.mixtures[f"{d.source}_test"])
+    tasks = list(a.tasks) or data.heldout_tasks(cfg, registration)
     unknown = [t for t in tasks if t not in registration.tasks]
     if unknown:
       raise ConfigError(f"AdaptConfig.tasks: unknown task(s) {unknown} in {d.source}")
@@ -79,14 +80,34 @@ class SuperNIPairs:
         for t, seed in self.pairs]
     return [stack_pairs(rows) for rows in zip(*per_pair)]
 
-  def evaluate(self, model, params, pair: int, mesh) -> dict:
-    """Greedy decoding of the pair's test split -> {"exact_match", "rougeL"}."""
+  def _generate(self, model, params, examples, mesh) -> tuple[dict, list[str]]:
     d = self._cfg.data
-    examples = data.eval_examples(self._registration.tasks[self.pairs[pair][0]], "test")
     batches = data.generation_batches(examples, self._vocabulary, _eval_batch_size(self._cfg), d.input_len)
     tokens = evaluation.generate(model, params, batches, d.target_len, mesh=mesh, task_id=TASK_ID)
     predictions = evaluation.decode_texts(self._vocabulary, tokens)
-    return metrics.superni_metrics(predictions, [ex["references"] for ex in examples])
+    return metrics.superni_metrics(predictions, [ex["references"] for ex in examples]), predictions
+
+  def evaluate(self, model, params, pair: int, mesh) -> dict:
+    """Greedy decoding of the pair's test split -> {"exact_match", "rougeL", "predictions": [str]}
+    (predictions in the split's order, for the pair's result file)."""
+    examples = data.eval_examples(self._registration.tasks[self.pairs[pair][0]], "test")
+    scores, predictions = self._generate(model, params, examples, mesh)
+    return {**scores, "predictions": predictions}
+
+  def dev_scorer(self, mesh):
+    """adaptation.adapt's `select`: each pair's ROUGE-L on its dev_k<shots>_seed<seed> split by greedy
+    decoding (the authors keep the checkpoint with the best dev ROUGE-L)."""
+    from mhr_jax.adapters import params as param_groups  # pylint: disable=g-import-not-at-top
+    shots = self._cfg.adapt.shots
+    dev = [data.eval_examples(self._registration.tasks[t], f"dev_k{shots}_seed{seed}") for t, seed in self.pairs]
+
+    def select(model, frozen, trainable, pairs: slice):
+      scores = []
+      for local, pair in enumerate(range(pairs.start, pairs.stop)):
+        params = param_groups.combine(jax.tree.map(lambda x, i=local: x[i], trainable), frozen)
+        scores.append(self._generate(model, params, dev[pair], mesh)[0]["rougeL"])
+      return np.asarray(scores)
+    return select
 
   @staticmethod
   def summary(rows: Sequence[Mapping]) -> tuple[dict, str]:
@@ -140,13 +161,14 @@ class T0Pairs:
 
   def evaluate(self, model, params, pair: int, mesh) -> dict:
     """Rank classification of every template -> {"accuracy": {template: %}, "median_over_templates",
-    "mean_over_templates"}."""
-    accuracy = {subset: evaluation.rank_classification(model, params, batches, mesh=mesh,
-                                                       task_id=TASK_ID).accuracy
-                for subset, batches in self._batches(self.pairs[pair][0])}
+    "mean_over_templates", "predictions": {template: [chosen answer index]}}."""
+    results = {subset: evaluation.rank_classification(model, params, batches, mesh=mesh, task_id=TASK_ID)
+               for subset, batches in self._batches(self.pairs[pair][0])}
+    accuracy = {subset: r.accuracy for subset, r in results.items()}
     values = list(accuracy.values())
     return {"accuracy": accuracy, "median_over_templates": float(np.median(values)),
-            "mean_over_templates": float(np.mean(values))}
+            "mean_over_templates": float(np.mean(values)),
+            "predictions": {subset: r.predictions.tolist() for subset, r in results.items()}}
 
   @staticmethod
   def summary(rows: Sequence[Mapping]) -> tuple[dict, str]:

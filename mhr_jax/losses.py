@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 _KINDS = ("lm", "tfew")
-# log(1 - p) is clamped at p <= 1 - _UL_EPS: a choice token already predicted with certainty
-# contributes a large finite penalty instead of -inf.
-_UL_EPS = 1e-6
+# T-Few's unlikelihood is -log(1 - p + 0.01) per token (their code and the MHR authors'): the 0.01 bounds
+# a token's loss at -log(0.01) = 4.6 and its gradient in p at 100.
+UL_OFFSET = 0.01
 _ABSENT = -1e9
 
 
@@ -145,17 +145,17 @@ def length_normalized_choice_loss(logits: jax.Array, targets: jax.Array, weights
 
 def unlikelihood_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
                       labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """T-Few L_UL: -sum log(1 - p(token)) over the tokens of the wrong choices.
+  """T-Few L_UL: -sum log(1 - p(token) + 0.01) over the tokens of the wrong choices.
 
   Args: logits (B, C, L, V); targets, weights (B, C, L); labels (B,).
-  Returns: (sum over wrong-choice tokens, number of wrong-choice tokens).
+  Returns: (sum over wrong-choice tokens, number of wrong-choice tokens). (T-Few's code also adds
+  -log(1.01) for every masked position to its sum, a constant without gradient; it is left out here.)
   """
   weights = weights.astype(jnp.float32)
   wrong = (jnp.arange(targets.shape[1])[None, :] != labels[:, None]).astype(jnp.float32)
   weights = weights * wrong[:, :, None]
-  logp = jnp.minimum(-token_cross_entropy(logits, targets), jnp.log1p(-_UL_EPS))
-  log_one_minus_p = jnp.log(-jnp.expm1(logp))
-  return -jnp.sum(log_one_minus_p * weights), jnp.sum(weights)
+  p = jnp.exp(-token_cross_entropy(logits, targets))
+  return -jnp.sum(jnp.log(1.0 - p + UL_OFFSET) * weights), jnp.sum(weights)
 
 
 def tfew_terms(logits: jax.Array, targets: jax.Array, weights: jax.Array,

@@ -24,6 +24,7 @@ from flax import traverse_util
 from mhr_jax.adapters.params import GROUPS, TRAINED as TRAINED_GROUPS
 _NAMES = ("adafactor", "adamw")
 _SCHEDULES = ("linear", "cosine", "constant")
+_FACTORINGS = ("largest", "last_two")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,13 @@ class OptimizerConfig:
     weight_decay: decoupled weight decay, multiplied by the learning rate (0: off).
     b1, b2, eps: Adam moments (adamw only).
     adafactor_decay_rate: Adafactor second-moment decay exponent (beta2_t = 1 - t^-0.8).
-    adafactor_min_dim_to_factor: Adafactor factors a 2-D+ second moment only when both of its last
-      two dims are at least this (optax / T5X default 128); smaller params keep a full moment.
+    adafactor_factoring: which second moments Adafactor factors: "largest" (optax and T5X: the two
+      largest dims, when both are at least adafactor_min_dim_to_factor; other params keep a full
+      moment) or "last_two" (Hugging Face's Adafactor, which the paper's authors train with: the last
+      two dims of every param with 2 or more dims).
+    adafactor_min_dim_to_factor: the "largest" rule's threshold (optax / T5X default 128).
+    adafactor_scale_parameter: multiply each param's step by max(1e-3, RMS(param)), as Hugging Face's
+      Adafactor(scale_parameter=True) does; the authors set it False.
     grad_accum_steps: micro-batches per update; the train step splits each batch and sums their
       gradients exactly (token-weighted), see train_step.make_train_step.
   """
@@ -59,7 +65,9 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-8
   adafactor_decay_rate: float = 0.8
+  adafactor_factoring: str = "largest"
   adafactor_min_dim_to_factor: int = 128
+  adafactor_scale_parameter: bool = False
   grad_accum_steps: int = 1
 
   def __post_init__(self):
@@ -74,6 +82,8 @@ class OptimizerConfig:
         (self.grad_accum_steps >= 1,
          f"OptimizerConfig.grad_accum_steps={self.grad_accum_steps}: must be >= 1"),
         (self.weight_decay >= 0, f"OptimizerConfig.weight_decay={self.weight_decay}: must be >= 0"),
+        (self.adafactor_factoring in _FACTORINGS,
+         f"OptimizerConfig.adafactor_factoring={self.adafactor_factoring!r}: expected one of {_FACTORINGS}"),
     ]
     for name in ("adapter_lr", "routing_lr", "base_lr"):
       checks.append((getattr(self, name) >= 0, f"OptimizerConfig.{name}: must be >= 0"))
@@ -162,12 +172,75 @@ def multiply_updates(mask: Mapping) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _group_transform(opt_cfg: OptimizerConfig, schedule) -> optax.GradientTransformation:
+class LastTwoFactoredState(NamedTuple):
+  """Adafactor second moments: per leaf, (row, column) means over its last two dims, or a full
+  moment for 0-D / 1-D leaves (the other entry is then a placeholder of shape (1,))."""
+  count: jax.Array
+  v_row: Any
+  v_col: Any
+  v: Any
+
+
+def scale_by_last_two_factored_rms(decay_rate: float = 0.8, epsilon: float = 1e-30
+                                   ) -> optax.GradientTransformation:
+  """Hugging Face's Adafactor scaling (transformers.optimization.Adafactor), without its learning rate.
+
+  Every param with ndim >= 2 keeps row and column means of g^2 + epsilon over its last two dims (the
+  leading dims are independent matrices); the update is g / sqrt(v_row v_col / mean(v_row)). Other
+  params keep the full moment. beta2_t = 1 - t^(-decay_rate) at update t = 1, 2, ...
+  """
+  placeholder = lambda: jnp.zeros((1,), jnp.float32)  # noqa: E731
+
+  def init(params):
+    def rows(p):
+      return jnp.zeros(p.shape[:-1], jnp.float32) if p.ndim >= 2 else placeholder()
+    def cols(p):
+      return jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32) if p.ndim >= 2 else placeholder()
+    def full(p):
+      return placeholder() if p.ndim >= 2 else jnp.zeros(p.shape, jnp.float32)
+    return LastTwoFactoredState(jnp.zeros((), jnp.int32), jax.tree.map(rows, params),
+                                jax.tree.map(cols, params), jax.tree.map(full, params))
+
+  def update(updates, state, params=None):
+    del params
+    t = (state.count + 1).astype(jnp.float32)
+    beta2 = 1.0 - t ** (-decay_rate)
+
+    def one(g, v_row, v_col, v):
+      g32 = g.astype(jnp.float32)
+      sq = g32 * g32 + epsilon
+      if g.ndim >= 2:
+        v_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(sq, axis=-1)
+        v_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(sq, axis=-2)
+        row_factor = jax.lax.rsqrt(v_row / jnp.mean(v_row, axis=-1, keepdims=True))[..., None]
+        col_factor = jax.lax.rsqrt(v_col)[..., None, :]
+        u = g32 * row_factor * col_factor
+      else:
+        v = beta2 * v + (1.0 - beta2) * sq
+        u = g32 * jax.lax.rsqrt(v)
+      return u.astype(g.dtype), v_row, v_col, v
+
+    leaves, treedef = jax.tree.flatten(updates)
+    moments = [treedef.flatten_up_to(m) for m in (state.v_row, state.v_col, state.v)]
+    out = [one(g, *m) for g, *m in zip(leaves, *moments)]
+    pick = lambda i: treedef.unflatten([o[i] for o in out])  # noqa: E731
+    return pick(0), LastTwoFactoredState(optax.safe_increment(state.count), pick(1), pick(2), pick(3))
+
+  return optax.GradientTransformation(init, update)
+
+
+def group_transform(opt_cfg: OptimizerConfig, schedule) -> optax.GradientTransformation:
+  """One group's scaling (Adafactor or Adam), optional decoupled weight decay, and its scheduled step."""
   if opt_cfg.name == "adafactor":
-    scaling = [optax.scale_by_factored_rms(
-        factored=True, decay_rate=opt_cfg.adafactor_decay_rate, step_offset=0,
-        min_dim_size_to_factor=opt_cfg.adafactor_min_dim_to_factor, epsilon=1e-30),
-               optax.clip_by_block_rms(1.0)]
+    if opt_cfg.adafactor_factoring == "last_two":
+      factored = scale_by_last_two_factored_rms(opt_cfg.adafactor_decay_rate, epsilon=1e-30)
+    else:
+      factored = optax.scale_by_factored_rms(
+          factored=True, decay_rate=opt_cfg.adafactor_decay_rate, step_offset=0,
+          min_dim_size_to_factor=opt_cfg.adafactor_min_dim_to_factor, epsilon=1e-30)
+    scaling = [factored, optax.clip_by_block_rms(1.0)]
+    if opt_cfg.adafactor_scale_parameter:  # Hugging Face: lr x max(eps2 = 1e-3, RMS(param))
+      scaling.append(optax.scale_by_param_block_rms(min_scale=1e-3))
   else:
     scaling = [optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)]
   decay = [optax.add_decayed_weights(opt_cfg.weight_decay)] if opt_cfg.weight_decay else []
@@ -210,7 +283,7 @@ def make_optimizer(opt_cfg: OptimizerConfig, labels, total_steps: int,
   present = set(traverse_util.flatten_dict(dict(labels)).values())
   transforms: dict[str, optax.GradientTransformation] = {"frozen": optax.set_to_zero()}
   for group in TRAINED_GROUPS:
-    transforms[group] = _group_transform(
+    transforms[group] = group_transform(
         opt_cfg, lr_schedule(opt_cfg.peak_lr(group), opt_cfg, total_steps))
   # multi_transform needs a transform for every label in use; unused groups cost nothing.
   transforms = {g: t for g, t in transforms.items() if g in present or g == "frozen"}

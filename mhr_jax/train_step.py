@@ -28,6 +28,7 @@ from flax.core import FrozenDict
 
 from mhr_jax import losses, optim, partitioning
 from mhr_jax.adapters import anneal_factor
+from mhr_jax.adapters.layers import check_task_ids
 from mhr_jax.adapters import params as param_groups
 
 
@@ -316,6 +317,18 @@ def update(optimizer, trainable, opt_state, grads):
   return optax.apply_updates(trainable, updates), opt_state
 
 
+def check_host_task_ids(model, batch) -> None:
+  """ValueError for task ids outside [0, adapter.n_tasks) in a host (NumPy) batch.
+
+  Under jit an out-of-range id would silently take the last routing row (gathers clamp), so ids are
+  checked where host data enters a compiled step; device arrays are the caller's responsibility.
+  """
+  acfg = model.config.adapter
+  ids = batch.get("task_ids")
+  if acfg.uses_task_ids and ids is not None and not isinstance(ids, jax.Array):
+    check_task_ids(np.asarray(ids), acfg.n_tasks)
+
+
 def _ensure_global(batch, mesh):
   if all(isinstance(x, jax.Array) for x in batch.values()):
     return batch
@@ -381,6 +394,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, loss_cfg: lo
                    out_shardings=(mutable_shardings, repl), donate_argnums=(1,))
 
   def train_step(state: TrainState, batch, rng):
+    check_host_task_ids(model, batch)
     with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_RULES):
       (count, trainable, opt_state), metrics = jitted(
           state.frozen, (state.step, state.trainable, state.opt_state),
@@ -411,6 +425,7 @@ def make_eval_step(model, loss_cfg: losses.LossConfig, mesh, state_shardings: Tr
                    out_shardings=partitioning.replicated(mesh))
 
   def eval_step(state: TrainState, batch):
+    check_host_task_ids(model, batch)
     with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_RULES):
       return jitted(state.trainable, state.frozen, _ensure_global(batch, mesh))
 

@@ -9,8 +9,10 @@ Reads a local clone of allenai/natural-instructions:
 Instance splits (METHODS.md, Protocols): the first 100 instances in file order are a task's test set for
 every seed. The remaining instances R (file order) are permuted with numpy.random.default_rng(seed)
 .permutation(len(R)); few-shot train = the first k of that order, dev = the next k. The multi-task training
-split takes up to `max_train_instances` (default 100) instances from R (or from all instances with
-holdout_test_from_train=False) in the order of default_rng(train_sample_seed).permutation.
+split takes up to `max_train_instances` (default 100) instances of every listed task in the order of
+default_rng(train_sample_seed).permutation over all its instances, as Tk-Instruct samples its training tasks
+(so a task with 100 instances or fewer takes part too); holdout_test_from_train=True draws them from R
+instead, keeping the 100 test instances out of training.
 
 Inputs follow Tk-Instruct's template (its ni_collator), including its quirks:
   "Definition: <definition[0] stripped>" + "." if it does not end in punctuation, then "\\n\\n";
@@ -37,6 +39,7 @@ import seqio
 from tasks import examples_dataset, replace_mixture, replace_task, seqio_name
 
 TEST_INSTANCES = 100
+PROMPTS = ("tk_instruct", "definition", "input_only")
 DEFAULT_FEWSHOT_KS = (16, 32, 64, 100, 1000)
 DEFAULT_FEWSHOT_SEEDS = (13, 42, 58)
 _FEWSHOT_SPLIT = re.compile(r"^(train|dev)_k(\d+)_seed(\d+)$")
@@ -156,7 +159,7 @@ def instance_splits(clone_dir: str, task_name: str, k: int, seed: int) -> dict[s
 
 
 def train_instance_ids(clone_dir: str, task_name: str, max_train_instances: int = 100,
-                       holdout_test_from_train: bool = True, sample_seed: int = 0) -> list[str]:
+                       holdout_test_from_train: bool = False, sample_seed: int = 0) -> list[str]:
   """Instance ids of the multi-task training split (see the module docstring)."""
   ids = [inst["id"] for inst in load_task(clone_dir, task_name)["Instances"]]
   pool = ids[TEST_INSTANCES:] if holdout_test_from_train else ids
@@ -201,8 +204,10 @@ class InputFormat:
   """How instance inputs are rendered.
 
   Attributes:
-    prompt: "tk_instruct" (definition, positive examples, instance; see the module docstring) or
-      "input_only" (the instance input verbatim: the task id is the only task signal).
+    prompt: "tk_instruct" (definition, positive examples, instance; see the module docstring),
+      "definition" (the definition, a space and the instance input: Tk-Instruct's content without its
+      boilerplate, for short inputs) or "input_only" (the instance input verbatim: the task id is the
+      only task signal).
     num_pos_examples: positive examples shown after the definition (Tk-Instruct uses 0 or 2).
     max_input_tokens: token budget for adding positive examples (input plus EOS); None: no budget.
   """
@@ -211,8 +216,8 @@ class InputFormat:
   max_input_tokens: int | None = None
 
   def __post_init__(self):
-    if self.prompt not in ("tk_instruct", "input_only"):
-      raise ValueError(f"InputFormat.prompt={self.prompt!r}: expected 'tk_instruct' or 'input_only'")
+    if self.prompt not in PROMPTS:
+      raise ValueError(f"InputFormat.prompt={self.prompt!r}: expected one of {PROMPTS}")
     if self.num_pos_examples < 0:
       raise ValueError(f"InputFormat.num_pos_examples={self.num_pos_examples}: must be >= 0")
 
@@ -261,6 +266,9 @@ def _split_examples_cached(spec: _TaskSpec, split: str, vocabulary_id: int, mtim
     inst = by_id[instance_id]
     if spec.input_format.prompt == "input_only":
       inputs = inst["input"]
+    elif spec.input_format.prompt == "definition":
+      definition = task["Definition"]
+      inputs = f"{(definition[0] if isinstance(definition, list) else definition).strip()} {inst['input']}"
     else:
       inputs = format_input(task, inst["input"], spec.input_format.num_pos_examples, fits)
     examples.append({"inputs": inputs, "targets": inst["output"][0].strip(),
@@ -329,7 +337,7 @@ def register_superni(
     task_list_files: Sequence[str] = (),
     heldout_task_ids: Mapping[str, int] | None = None,
     max_train_instances: int = 100,
-    holdout_test_from_train: bool = True,
+    holdout_test_from_train: bool = False,
     train_sample_seed: int = 0,
     fewshot_ks: Sequence[int] = DEFAULT_FEWSHOT_KS,
     fewshot_seeds: Sequence[int] = DEFAULT_FEWSHOT_SEEDS,

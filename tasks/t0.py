@@ -10,9 +10,12 @@ answer_choices (strings). The "_score_eval" subsets are not used: rank classific
 answer_choices.
 
 Which subsets: tasks/t0_datasets.json (reviewable). Training: every template of the 38 T0 training datasets,
-313 subsets, each its own task with id = its position in that file. As T0, a dataset with more than
-max_examples_per_dataset (500k) training examples has each template's mixing rate capped at
-500k // n_templates; every other template's rate is its number of examples.
+313 subsets, each its own task with id = its position in that file. The mixture cap (METHODS.md), by
+`cap_rule`: "authors" (the MHR authors' code, the default): every (dataset, template) task keeps at most
+max_examples_per_dataset (500k) // n_templates examples (the first ones in file order) and its mixing rate
+is that count; "t0" (the original T0 rule): only a dataset with more than 500k training examples has each
+template's mixing rate capped at 500k // n_templates, and every other template's rate is its number of
+examples.
 Held-out evaluation: the original-task templates of the 11 datasets. All templates of a dataset share one
 task id (caller-given, default after the training tasks). Each template's examples carry answer_choices and
 the gold label (position of the stripped target among the stripped choices). Few-shot samples follow T-Few:
@@ -178,10 +181,16 @@ class Registration:
   fewshot_splits: dict[str, tuple[str, ...]]
 
 
-def _train_dataset_fn(p3_dir: str, subset: str, task_id: int):
+CAP_RULES = ("authors", "t0")
+
+
+def _train_dataset_fn(p3_dir: str, subset: str, task_id: int, keep: int | None):
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed  # one shard per split in P3; the Task shuffles examples
-    return read_split(p3_dir, subset, split).map(lambda ex: {**ex, "task_ids": tf.constant(task_id, tf.int32)})
+    ds = read_split(p3_dir, subset, split)
+    if keep is not None:
+      ds = ds.take(keep)
+    return ds.map(lambda ex: {**ex, "task_ids": tf.constant(task_id, tf.int32)})
   return dataset_fn
 
 
@@ -213,6 +222,7 @@ def register_t0(
     eval_datasets: Sequence[str] | None = None,
     heldout_task_ids: Mapping[str, int] | None = None,
     fewshot_seeds: Sequence[int] | None = None,
+    cap_rule: str = "authors",
 ) -> Registration:
   """Register the T0 training tasks and mixture and the held-out evaluation tasks.
 
@@ -224,9 +234,12 @@ def register_t0(
     train_datasets, eval_datasets: restrict to these catalog "dataset" names (None: all; [] : none).
     heldout_task_ids: held-out dataset -> task id; default len(training subsets) + catalog position.
     fewshot_seeds: default the catalog's (42, 1024, 0).
+    cap_rule: "authors" or "t0", the training-mixture cap (see the module docstring).
   Training tasks have split "train"; held-out tasks "eval" (the catalog's eval_split) and
   "train_k<shots>_seed<seed>". Missing folders or split files fail here, naming the path.
   """
+  if cap_rule not in CAP_RULES:
+    raise ValueError(f"register_t0: cap_rule={cap_rule!r}: expected one of {CAP_RULES}")
   catalog = load_catalog(catalog_path)
   seeds = tuple(catalog["fewshot_seeds"] if fewshot_seeds is None else fewshot_seeds)
 
@@ -251,11 +264,15 @@ def register_t0(
   cap_total = catalog["max_examples_per_dataset"]
   train_rates = []
   for entry in train_entries:
-    cap = cap_total // len(entry["subsets"]) if entry["train_size"] > cap_total else None
+    cap = cap_total // len(entry["subsets"])
+    if cap_rule == "t0" and entry["train_size"] <= cap_total:
+      cap = None
     for subset in entry["subsets"]:
       task_ids[subset] = train_positions[subset]
       tasks[subset] = seqio_name(prefix, subset)
-      replace_task(tasks[subset], _train_dataset_fn(p3_dir, subset, task_ids[subset]), ["train"], vocabulary)
+      keep = cap if cap_rule == "authors" else None  # the authors keep at most `cap` examples
+      replace_task(tasks[subset], _train_dataset_fn(p3_dir, subset, task_ids[subset], keep), ["train"],
+                   vocabulary)
 
       def rate(task, subset=subset, cap=cap):
         n = num_examples(p3_dir, subset, "train")

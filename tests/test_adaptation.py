@@ -141,26 +141,129 @@ def test_prepare_pairs_per_method(method, kind, trained_leaves):
 
 
 def test_bad_method_is_rejected():
-  with pytest.raises(ValueError, match="adaptation method='mhr-x'"):
+  with pytest.raises(ValueError, match="method='mhr-x'"):
     adaptation.prepare_pairs("mhr-x", CFG, _params(), jax.random.split(jax.random.key(0), 1))
 
 
 def test_zero_steps_give_the_starting_point():
   """num_steps=0 (zero-shot evaluation): the mhr-mu starting point computes what the pre-trained MHR model
-  computes with uniform routing (routing annealed fully, a = 0), for any task id."""
-  params = _params()
+  computes with uniform routing (routing annealed fully, a = 0), for any task id. K = 3 skills and S = 2
+  heads, so averaging over heads instead of skills would show."""
+  cfg = CFG.replace(adapter=CFG.adapter.replace(n_skills=3))
+  params = _params(cfg)
   keys = jax.random.split(jax.random.key(2), 2)
-  result = adaptation.adapt("mhr-mu", CFG, params, OPT_CFG, losses.LossConfig(), None, keys, 0)
+  result = adaptation.adapt("mhr-mu", cfg, params, OPT_CFG, losses.LossConfig(), None, keys, 0)
   assert result.losses.shape == (0, 2) and result.dev_losses is None
   batch = {k: v[0] for k, v in _pair_batches(1, 1)[0].items()}
   args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"], batch["decoder_target_tokens"])
-  uniform = models.T5(CFG).apply({"params": params}, *args, task_ids=np.array([0, 1, 2, 1]),
+  uniform = models.T5(cfg).apply({"params": params}, *args, task_ids=np.array([0, 1, 2, 1]),
                                  enable_dropout=False, routing_anneal=0.0)
   for i in range(2):
     mu = models.T5(result.model_cfg).apply({"params": result.pair_params(i)}, *args, enable_dropout=False)
     np.testing.assert_allclose(np.asarray(mu), np.asarray(uniform), atol=1e-5, rtol=1e-5)
-  routed = models.T5(CFG).apply({"params": params}, *args, task_ids=np.array([0, 1, 2, 1]),
+  routed = models.T5(cfg).apply({"params": params}, *args, task_ids=np.array([0, 1, 2, 1]),
                                 enable_dropout=False)
   assert not np.allclose(np.asarray(routed), np.asarray(uniform), atol=1e-3)  # routing mattered
   with pytest.raises(ValueError, match="num_steps=-1"):
-    adaptation.adapt("mhr-mu", CFG, params, OPT_CFG, losses.LossConfig(), None, keys, -1)
+    adaptation.adapt("mhr-mu", cfg, params, OPT_CFG, losses.LossConfig(), None, keys, -1)
+
+
+def _base_params():
+  base_cfg = CFG.replace(adapter=AdapterConfig())
+  return base_cfg, _params(base_cfg)
+
+
+@pytest.mark.parametrize("kind", ["lora", "mhr"])
+def test_fresh_adapter_on_a_plain_base(kind):
+  """The no-pre-training control: a plain base gets a fresh adapter per pair; B = 0, so each pair starts
+  as the base model itself, and the base weights are shared and unchanged."""
+  base_cfg, base = _base_params()
+  cfg = CFG.replace(adapter=CFG.adapter.replace(kind=kind))
+  keys = jax.random.split(jax.random.key(3), 2)
+  new_cfg, labels, frozen, trainable = adaptation.prepare_pairs(kind, cfg, base, keys)
+  leaves = traverse_util.flatten_dict(trainable)
+  assert {p[-1] for p in leaves} == ({"lora_a", "lora_b"} | ({"logits"} if kind == "mhr" else set()))
+  a = [v for p, v in leaves.items() if p[-1] == "lora_a"][0]
+  assert not np.allclose(a[0], a[1])                   # drawn per pair
+  assert all(not np.any(v) for p, v in leaves.items() if p[-1] == "lora_b")
+  if kind == "mhr":
+    assert new_cfg.adapter.n_tasks == 1
+  flat_frozen = traverse_util.flatten_dict(frozen)
+  for path, value in traverse_util.flatten_dict(base).items():
+    np.testing.assert_array_equal(flat_frozen[path], value)
+  batch = {k: v[0] for k, v in _pair_batches(1, 1)[0].items()}
+  args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"], batch["decoder_target_tokens"])
+  want = models.T5(base_cfg).apply({"params": base}, *args, enable_dropout=False)
+  params = param_groups.combine(jax.tree.map(lambda x: x[0], trainable), frozen)
+  got = models.T5(new_cfg).apply({"params": params}, *args, task_ids=np.zeros((B,), np.int32),
+                                 enable_dropout=False)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  with pytest.raises(ValueError, match="needs a pre-trained adapter"):
+    adaptation.prepare_pairs("mhr-z", cfg, base, keys)
+
+
+class _MemoryResume:
+  """adaptation.Resume in memory; `crash_at` (group, step) raises after that save, as a kill would."""
+
+  def __init__(self, every, crash_at=None):
+    self.every, self.crash_at, self.saved, self.saves = every, crash_at, None, []
+
+  def restore(self, target):
+    if self.saved is None:
+      return None
+    group, step, state = self.saved
+    return group, step, jax.tree.map(lambda x: x.copy() if isinstance(x, np.ndarray) else jax.numpy.array(x),
+                                     state)
+
+  def save(self, group, step, state):
+    self.saved = (group, step, jax.tree.map(lambda x: np.array(x), state))
+    self.saves.append((group, step))
+    if (group, step) == self.crash_at:
+      raise KeyboardInterrupt("simulated kill")
+
+  def stop_requested(self):
+    return False
+
+
+@pytest.mark.parametrize("method,crash_at", [("mhr", (0, 2)), ("full", (1, 2))])
+def test_resume_continues_exactly(method, crash_at):
+  """A run killed after a save and resumed ends exactly where an uninterrupted run does (vmapped pairs,
+  and pairs trained one after another), best-on-dev state included."""
+  cfg = CFG if method == "mhr" else CFG.replace(adapter=AdapterConfig())
+  params, keys = _params(cfg), jax.random.split(jax.random.key(4), 2)
+  batches, dev = _pair_batches(2, 4, seed=13), _pair_batches(2, 1, seed=14)
+  run = lambda resume: adaptation.adapt(method, cfg, params, OPT_CFG, losses.LossConfig(),  # noqa: E731
+                                        lambda s: batches[s], keys, 4, dev_batches=dev, eval_every=2,
+                                        resume=resume)
+  whole = run(None)
+  resume = _MemoryResume(every=2, crash_at=crash_at)
+  with pytest.raises(KeyboardInterrupt):
+    run(resume)
+  resume.crash_at = None
+  again = run(resume)
+  assert resume.saves[0] == (0, 2) and resume.saves[-1] == ((1, 4) if method == "full" else (0, 4))
+  np.testing.assert_array_equal(again.losses, whole.losses)
+  np.testing.assert_array_equal(again.dev_scores, whole.dev_scores)
+  np.testing.assert_array_equal(again.best_step, whole.best_step)
+  for a, b in zip(jax.tree.leaves(again.trainable), jax.tree.leaves(whole.trainable)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_select_callback_keeps_each_pairs_best_step():
+  """`select` scores (higher is better) decide which step's parameters each pair keeps."""
+  params, keys = _params(), jax.random.split(jax.random.key(5), 2)
+  batches = _pair_batches(2, 3, seed=15)
+  scores = iter([np.array([1.0, 5.0]), np.array([3.0, 2.0]), np.array([2.0, 4.0])])
+  calls = []
+
+  def select(model, frozen, trainable, pairs):
+    calls.append((model.config.adapter.n_tasks, pairs))
+    return next(scores)
+
+  result = adaptation.adapt("mhr", CFG, params, OPT_CFG, losses.LossConfig(), lambda s: batches[s], keys, 3,
+                            select=select, eval_every=1)
+  assert calls == [(1, slice(0, 2))] * 3
+  np.testing.assert_array_equal(result.best_step, [2, 1])
+  last = adaptation.adapt("mhr", CFG, params, OPT_CFG, losses.LossConfig(), lambda s: batches[s], keys, 1)
+  np.testing.assert_array_equal(  # pair 1 kept step 1: the parameters after one update
+      jax.tree.leaves(result.trainable)[0][1], jax.tree.leaves(last.trainable)[0][1])

@@ -19,7 +19,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from mhr_jax import analysis, models, train
+from mhr_jax import analysis, models
 from mhr_jax import config as config_lib
 from mhr_jax.run_checkpoints import restore_params
 
@@ -150,7 +150,7 @@ def direct_gradients(run_dir, task_names):
   from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
   config_lib.parse_gin([os.path.join(run_dir, "config.gin")], [])
   cfg = config_lib.load_config()
-  registration, _ = train.register_data(cfg)
+  registration, _ = data.register_data(cfg)
   model = models.T5(cfg.model)
   flat = traverse_util.flatten_dict(restore_params(os.path.join(run_dir, "checkpoints"), 2))
   adapter = {p: v for p, v in flat.items() if p[-1] in ("lora_a", "lora_b")}

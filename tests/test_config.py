@@ -46,19 +46,41 @@ def test_every_config_parses(path, tmp_path):
   """Each complete config parses and builds valid dataclasses (data paths stubbed)."""
   # Required user paths (macros the configs leave at %gin.REQUIRED) point at an empty directory.
   bindings = [f"{macro} = '{tmp_path}'"
-              for macro in ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT", "PRETRAIN_DIR")] + ["TRAIN_STEPS = 10"]
-  cfg = _load([path], bindings)
-  assert cfg.run.train_steps == 10
+              for macro in ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT", "PRETRAIN_DIR", "SUPERNI_DIR")]
   with open(os.path.join(REPO, path)) as f:
-    head = f.read(600)
-  if not path.endswith("_common.gin"):
-    assert f"python -m mhr_jax.train --gin_file={path}" in head  # starts with the command that runs it
+    text = f.read()
+  if "Experiment." in text:  # an experiment: every stage's config builds
+    import argparse
+    import transformers
+    from mhr_jax import experiment, experiment_plan
+    # A Hugging Face base's config.json (T5-XL LM-adapted sizes) where the config reads one.
+    transformers.T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+                          feed_forward_proj="gated-gelu", tie_word_embeddings=False).to_json_file(
+                              str(tmp_path / "config.json"))
+    args = argparse.Namespace(gin_file=[path], gin_bindings=bindings, gin_search_paths=[])
+    exp = experiment.load_experiment(args)
+    stages = experiment_plan.plan(exp)
+    for stage in stages:
+      if stage.kind != "analysis":
+        cfg, _ = experiment.stage_config(args, exp, stage)
+        assert cfg.run.model_dir == stage.directory(exp.model_dir)
+    assert {s.kind for s in stages} >= {"train", "adapt"}
+  else:
+    cfg = _load([path], bindings + ["TRAIN_STEPS = 10"])
+    assert cfg.run.train_steps == 10
+  if not path.endswith("_common.gin"):  # starts with the command that runs it
+    module = "mhr_jax.experiment" if "Experiment." in text else "mhr_jax.train"
+    assert f"python -m {module} --gin_file={path}" in text[:1200]
 
 
 @pytest.mark.parametrize("path", _configs("models/*.gin"))
 def test_model_sizes(path, tmp_path):
   cfg = _load(["configs/tiny.gin", path], [f"MODEL_DIR = '{tmp_path}'"])
-  assert cfg.model_cfg.preset == os.path.basename(path)[:-4]
+  name = os.path.basename(path)[:-4]
+  if name == "demo":  # the demo's model: the tiny preset, widened
+    assert (cfg.model_cfg.preset, cfg.model.d_model, cfg.model.num_layers) == ("tiny", 128, 2)
+  else:
+    assert cfg.model_cfg.preset == name
   assert cfg.model.d_model >= 32
 
 
@@ -71,12 +93,26 @@ def test_paper_settings(tmp_path):
   assert (t0.data.input_len, t0.data.target_len, t0.run.train_steps) == (256, 256, 100000)
   assert (t0.optimizer.adapter_lr, t0.optimizer.routing_lr, t0.optimizer.clip_norm) == (1e-3, 0.1, 1.0)
   assert t0.optimizer.name == "adafactor" and t0.optimizer.warmup_fraction == 0.06
-  sni = _load(["configs/experiments/superni_mhr.gin"], bindings + ["TRAIN_STEPS = 5"])
+  assert t0.optimizer.adafactor_factoring == "last_two" and not t0.optimizer.adafactor_scale_parameter
+  assert t0.data.t0_cap == "authors"
+  sni = _load(["configs/experiments/superni_mhr.gin"], bindings)
   assert (sni.model.adapter.rank, sni.model.adapter.n_tasks, sni.model.adapter.gumbel) == (16, 756, True)
   assert sni.model.adapter.targets("encoder/block_0/self_attention/k")
   assert not sni.model.adapter.targets("encoder/block_0/mlp/wo")
   assert (sni.data.input_len, sni.data.target_len, sni.loss.label_smoothing) == (1024, 128, 0.1)
   assert sni.data.max_train_instances == 100
+  # The authors' configs/ni/pretrain.json: AdamW, weight decay 0.01, clip 0.1, 6% warmup, 100k steps, batch 8.
+  assert (sni.optimizer.name, sni.optimizer.weight_decay, sni.optimizer.clip_norm) == ("adamw", 0.01, 0.1)
+  assert (sni.optimizer.warmup_fraction, sni.run.train_steps, sni.data.batch_size) == (0.06, 100000, 8)
+  # Adaptation keeps routing at 0.1 over the general rate: T0 (Adafactor 3e-3) and SuperNI (AdamW 1e-3).
+  adapt = bindings + [f"PRETRAIN_DIR = '{tmp_path}'"]
+  t0a = _load(["configs/experiments/t0_mhr.gin", "configs/adapt/mhr_z.gin", "configs/adapt/t0.gin"], adapt)
+  assert (t0a.optimizer.name, t0a.optimizer.adapter_lr, t0a.optimizer.routing_lr) == ("adafactor", 3e-3, 0.1)
+  assert (t0a.run.train_steps, t0a.data.batch_size, t0a.optimizer.clip_norm) == (1000, 8, 1.0)
+  snia = _load(["configs/experiments/superni_mhr.gin", "configs/adapt/mhr.gin", "configs/adapt/superni.gin"], adapt)
+  assert (snia.optimizer.name, snia.optimizer.adapter_lr, snia.optimizer.routing_lr) == ("adamw", 1e-3, 0.1)
+  assert (snia.optimizer.weight_decay, snia.optimizer.clip_norm) == (0.01, 0.1)
+  assert (snia.adapt.select_metric, snia.adapt.seeds, snia.loss.label_smoothing) == ("rougeL", (13, 42, 58), 0.0)
 
 
 def test_methods_select_their_adapter(tmp_path):
@@ -99,8 +135,9 @@ def test_adapt_configs(method, pretrain_method, tmp_path):
   assert cfg.run.mode == "adapt" and cfg.run.pretrain_dir == f"{tmp_path}/p"
   assert cfg.adapt.method == method.replace("_z", "-z").replace("_mu", "-mu")
   assert cfg.run.train_steps == 1000 and cfg.data.batch_size == 8  # the paper's T0 adaptation
+  assert cfg.optimizer.routing_lr == 0.1  # two speeds in adaptation too (the authors' stacked configs)
   if method not in ("lora", "full"):  # full fine-tuning starts from any kind
-    with pytest.raises(config_lib.ConfigError, match=r"^AdaptConfig.method=.* starts from a pre-trained"):
+    with pytest.raises(config_lib.ConfigError, match=r"^AdaptConfig.method=.* adapts an adapter of kind"):
       _load(["configs/tiny.gin", "configs/methods/lora.gin", f"configs/adapt/{method}.gin"],
             [f"MODEL_DIR = '{tmp_path}/a'", f"PRETRAIN_DIR = '{tmp_path}/p'"])
 
@@ -114,7 +151,12 @@ def test_adapt_configs(method, pretrain_method, tmp_path):
     ("OptimizerConfig.schedule = 'step'", "OptimizerConfig.schedule='step'"),
     ("ModelConfig.overrides = {'d_modle': 8}", "unknown T5Config field(s) ['d_modle']"),
     ("DataConfig.host_input = 'all'", "DataConfig.host_input='all'"),
-    ("RunConfig.mode = 'adapt'", "RunConfig.mode='adapt' needs RunConfig.pretrain_dir"),
+    ("RunConfig.mode = 'adapt'", "RunConfig.mode='adapt' starts from RunConfig.pretrain_dir"),
+    ("RunConfig.init_transform = 'mu'", "RunConfig.init_transform applies to RunConfig.init_run"),
+    ("OptimizerConfig.adafactor_factoring = 'all'", "OptimizerConfig.adafactor_factoring='all'"),
+    ("DataConfig.t0_cap = 'none'", "DataConfig.t0_cap='none'"),
+    ("AdaptConfig.select_metric = 'bleu'", "AdaptConfig.select_metric='bleu'"),
+    ("RunConfig.init_checkpoint = 'gs://b/t5'", "RunConfig.init_checkpoint='gs://b/t5': URLs are not read directly"),
 ])
 def test_bad_values_are_one_line_errors(binding, expected, tmp_path):
   with pytest.raises(config_lib.ConfigError) as info:
@@ -170,3 +212,26 @@ def test_operative_config_has_one_binding_per_line(tmp_path):
   assert "AdapterConfig.n_splits = 4" in text
   assert "RunConfig.checkpoint_every = 5" in text
   assert max(len(line) for line in text.splitlines()) < 200
+
+
+def test_to_gin_round_trips_and_scopes_win(tmp_path):
+  """A stage's config written by `to_gin` parses back to the same config; scoped bindings win in scope."""
+  (tmp_path / "exp.gin").write_text(
+      "include 'configs/tiny.gin'\n"
+      "pretrain/OptimizerConfig.adapter_lr = 0.5\npretrain/AdapterConfig.n_splits = 2\n"
+      "adapt/RunConfig.train_steps = 3\n")
+  bindings = [f"MODEL_DIR = '{tmp_path}/run'", "RunConfig.param_rules = (('.*', 'frozen'),)",
+              "ModelConfig.overrides = {'d_ff': 48}", "AdaptConfig.seeds = (1, 2)"]
+  plain, _ = config_lib.load_run_config([str(tmp_path / "exp.gin")], bindings)
+  scoped, text = config_lib.load_run_config([str(tmp_path / "exp.gin")], bindings, scope="pretrain")
+  assert (plain.optimizer.adapter_lr, plain.model.adapter.n_splits) == (1e-2, 4)
+  assert (scoped.optimizer.adapter_lr, scoped.model.adapter.n_splits) == (0.5, 2)
+  assert scoped.run.train_steps == plain.run.train_steps  # another scope's binding does not apply
+  (tmp_path / "stage.gin").write_text(text)
+  again, _ = config_lib.load_run_config([str(tmp_path / "stage.gin")])
+  assert again == scoped
+  # The run directory check reads both formats alike (gin's operative config and to_gin).
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.gin").write_text(text)
+  config_lib.check_run_dir(str(tmp_path / "run"), text.replace("'mhr'", '"mhr"'))
+  assert config_lib.saved_adapter_config(str(tmp_path / "run")) == scoped.model.adapter

@@ -155,3 +155,10 @@ def test_bad_batches_raise(base, mhr):
   routed, routed_params = mhr
   with pytest.raises(ValueError, match="no 'task_ids'"):
     evaluation.generate(routed, routed_params, [{k: v for k, v in batch.items() if k != "task_ids"}], 3)
+  bad = dict(batch, task_ids=np.where(np.arange(BATCH) == 2, 3, batch["task_ids"]).astype(np.int32))
+  with pytest.raises(ValueError, match=r"task_ids must lie in \[0, adapter.n_tasks=3\)"):
+    evaluation.generate(routed, routed_params, [bad], 3)   # not silently routed by the last row
+  with pytest.raises(ValueError, match=r"task_ids must lie in \[0, adapter.n_tasks=3\)"):
+    evaluation.rank_classification(routed, routed_params, [bad])
+  with pytest.raises(ValueError, match=r"task_ids must lie in \[0, adapter.n_tasks=3\)"):
+    evaluation.generate(routed, routed_params, [batch], 3, task_id=5)

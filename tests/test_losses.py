@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from mhr_jax import losses
 
+TFEW_RTOL = 1e-4  # our T5 against Hugging Face's: fp32 logits agree to ~1e-5
+
 _RNG = np.random.default_rng(0)
 # Jitted once each: eager op-by-op dispatch of many tiny ops is slower than one compile on CPU.
 _lm_loss = jax.jit(losses.lm_loss, static_argnums=3)
@@ -64,41 +66,89 @@ def _tfew_batch(b=3, c=3, length=4, v=13):
   return logits, targets, weights, labels
 
 
-def _torch_tfew(logits, targets, weights, labels):
-  """T-Few's three terms, written per example and choice."""
-  logp = torch.log_softmax(torch.tensor(logits, dtype=torch.float64), -1)
-  tok = torch.gather(logp, -1, torch.tensor(targets).long()[..., None])[..., 0]
-  w = torch.tensor(weights, dtype=torch.float64)
-  lm_sum = lm_n = ul_sum = ul_n = ce_sum = 0.0
-  for i, gold in enumerate(labels):
-    scores = []
-    for j in range(targets.shape[1]):
-      n = float(w[i, j].sum())
-      if n == 0:
-        continue
-      ll = float((tok[i, j] * w[i, j]).sum())
-      scores.append((j, ll / n))
-      if j == gold:
-        lm_sum, lm_n = lm_sum - ll, lm_n + n
-      else:
-        p = torch.exp(tok[i, j])
-        ul_sum -= float((torch.log(1 - p) * w[i, j]).sum())
-        ul_n += n
-    betas = torch.tensor([s for _, s in scores])
-    pos = [j for j, _ in scores].index(gold)
-    ce_sum -= float(torch.log_softmax(betas, 0)[pos])
-  return {"lm": (lm_sum, lm_n), "unlikelihood": (ul_sum, ul_n), "choice_ce": (ce_sum, len(labels))}
+def _tfew_port(model, input_ids, choices_ids, labels):
+  """T-Few's loss block (r-three/t-few EncoderDecoder.training_step, mc_loss = unlikely_loss = 1,
+  length_norm = 1), ported line by line to a Hugging Face T5: {"lm", "choice_ce", "unlikelihood"} and the
+  number of positions its unlikelihood masks to -100."""
+  input_ids, choices_ids = torch.tensor(input_ids).long(), torch.tensor(choices_ids).long()
+  labels = torch.tensor(labels).long()
+  bs, num_choices = choices_ids.size()[:2]
+  flat_choices_ids = choices_ids.flatten(0, 1)
+  attention_mask = (input_ids != 0).float()
+  with torch.no_grad():
+    encoder_hidden_states = model.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+    encoder_hidden_states = encoder_hidden_states.unsqueeze(dim=1).repeat(1, num_choices, 1, 1).flatten(0, 1)
+    attention_mask = attention_mask.unsqueeze(dim=1).repeat(1, num_choices, 1).flatten(0, 1)
+    decoder_input_ids = torch.cat([torch.zeros_like(flat_choices_ids[:, :1]), flat_choices_ids[:, :-1]], dim=1)
+    decoder_attention_mask = (decoder_input_ids == decoder_input_ids).float()
+    lm_target = flat_choices_ids - 100 * (flat_choices_ids == 0).long()
+    logits = model(attention_mask=attention_mask, encoder_outputs=[encoder_hidden_states],
+                   decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask).logits
+  logits = logits.double()
+  choices_scores = F.cross_entropy(logits.flatten(0, 1), lm_target.flatten(0, 1), reduction="none").view(
+      bs, num_choices, -1).sum(dim=-1)
+  choices_scores = choices_scores / (choices_ids != 0).sum(dim=-1)
+  lm_loss = F.cross_entropy(logits.view(bs, num_choices, *logits.size()[1:])[range(bs), labels].flatten(0, 1),
+                            lm_target.view(bs, num_choices, -1)[range(bs), labels].flatten(0, 1))
+  mc_loss = F.cross_entropy(-choices_scores, labels)
+  cand_loglikely = -F.cross_entropy(logits.flatten(0, 1), lm_target.flatten(0, 1), reduction="none").view(
+      bs, num_choices, -1)
+  cand_loglikely += (lm_target < 0).view(bs, num_choices, -1) * -100
+  cand_loglikely[range(bs), labels] = -100
+  unlikely_loss = -torch.log(1 - torch.exp(cand_loglikely) + 1e-2).sum() / (cand_loglikely != -100).sum()
+  masked = int((cand_loglikely == -100).sum())
+  return {"lm": float(lm_loss), "choice_ce": float(mc_loss), "unlikelihood": float(unlikely_loss)}, masked
 
 
-def test_tfew_terms_match_a_direct_torch_computation():
-  logits, targets, weights, labels = _tfew_batch()
-  terms = _tfew_terms(*(jnp.asarray(x) for x in (logits, targets, weights, labels)))
-  ref = _torch_tfew(logits, targets, weights, labels)
-  counts = _tfew_counts(jnp.asarray(weights), jnp.asarray(labels))
-  for name, (s, n) in ref.items():
-    np.testing.assert_allclose(float(terms[name][0]), s, rtol=1e-5)
-    assert float(terms[name][1]) == n
-    assert float(counts[name]) == n
+def test_tfew_loss_matches_a_port_of_tfew_on_hugging_face_logits(tmp_path):
+  """The T-Few objective of the train step against T-Few's own code on the same HF T5's logits."""
+  import hf_oracle
+  from mhr_jax import checkpoints, models
+  from mhr_jax import train_step as ts
+  model = hf_oracle.make_hf_model("v1_1", seed=3)
+  model.save_pretrained(tmp_path / "hf")
+  cfg, params = checkpoints.load_hf_t5(str(tmp_path / "hf"))
+  b, c, li, lt, v = 3, 3, 7, 5, cfg.vocab_size
+  inputs = _RNG.integers(2, v, (b, li)).astype(np.int32)
+  inputs[1, 4:] = 0
+  choices = _RNG.integers(2, v, (b, c, lt)).astype(np.int32)
+  choices[:, :, -1] = 1                       # EOS ends every choice
+  choices[0, 1, 2:] = [1, 0, 0]               # choices of different lengths: padding in the wrong choices
+  choices[2, 0, 3:] = [1, 0]
+  labels = np.array([2, 0, 1], np.int32)
+  want, masked = _tfew_port(model, inputs, choices, labels)
+
+  batch = {"encoder_input_tokens": inputs, "decoder_target_tokens": choices,
+           "decoder_input_tokens": np.concatenate([np.zeros((b, c, 1), np.int32), choices[..., :-1]], -1),
+           "decoder_loss_weights": (choices > 0).astype(np.float32), "labels": labels}
+  batch = {k: jnp.asarray(x) for k, x in batch.items()}
+  objective = ts.OBJECTIVES["tfew"]
+  loss_cfg = losses.LossConfig(kind="tfew")
+  sums = objective.sums(models.T5(cfg), params, batch, jax.random.key(0), False, loss_cfg)
+  counts = objective.counts(batch, loss_cfg)
+  got = {k: float(sums[k]) / float(counts[k]) for k in sums}
+  wrong_tokens = float(counts["unlikelihood"])
+  assert wrong_tokens == np.sum((choices > 0) & (np.arange(c)[None, :, None] != labels[:, None, None]))
+  np.testing.assert_allclose(got["lm"], want["lm"], rtol=TFEW_RTOL)
+  np.testing.assert_allclose(got["choice_ce"], want["choice_ce"], rtol=TFEW_RTOL)
+  # T-Few's sum also holds -log(1 + 0.01) for each of its `masked` (-100) positions: a constant.
+  np.testing.assert_allclose(got["unlikelihood"], want["unlikelihood"] + masked * np.log(1.01) / wrong_tokens,
+                             rtol=TFEW_RTOL)
+
+
+def test_unlikelihood_is_bounded_by_its_offset():
+  """-log(1 - p + 0.01): a wrong-choice token predicted with certainty costs log(100), gradient <= 100."""
+  v = 5
+  logits = np.full((1, 2, 1, v), -30.0, np.float32)
+  logits[..., 3] = 30.0                       # p(token 3) = 1
+  targets = np.full((1, 2, 1), 3, np.int32)
+  weights = np.ones((1, 2, 1), np.float32)
+  labels = np.array([0], np.int32)
+  total, count = jax.jit(losses.unlikelihood_loss)(*(jnp.asarray(x) for x in (logits, targets, weights, labels)))
+  assert float(count) == 1.0
+  np.testing.assert_allclose(float(total), -np.log(0.01), rtol=1e-6)
+  grad = jax.grad(lambda p: -jnp.log(1.0 - p + losses.UL_OFFSET))(0.999999)
+  assert float(grad) <= 100.0
 
 
 def test_choice_log_likelihoods_and_padding_examples_stay_finite():

@@ -66,6 +66,70 @@ def test_adafactor_matches_hugging_face_t0_setting():
     assert not np.allclose(ours[k], params[k])
 
 
+# T5-XL leaves of MHR (S = 8, K = 8, r = 1, 313 tasks): q's A and B, wi_0's B, and a routing table.
+MHR_LEAVES = {("q", "lora_a"): (8, 8, 256, 1), ("q", "lora_b"): (8, 8, 1, 256),
+              ("wi_0", "lora_b"): (8, 8, 1, 640), ("q", "routing", "logits"): (313, 8, 8)}
+
+
+def _t0_mhr_optimizer_config(tmp_path):
+  """The OptimizerConfig that configs/experiments/t0_mhr.gin loads (TRAIN_STEPS=10 for larger steps)."""
+  from mhr_jax import config as config_lib
+  config_lib.parse_gin(["configs/experiments/t0_mhr.gin"], [
+      f"MODEL_DIR = '{tmp_path}/run'", f"DATA_DIR = '{tmp_path}'", f"HF_CHECKPOINT = '{tmp_path}'",
+      "TRAIN_STEPS = 10"])
+  return config_lib.load_config()
+
+
+@pytest.mark.parametrize("scale_parameter", [False, True])
+def test_adafactor_as_the_authors_run_it_on_mhr_leaves(tmp_path, scale_parameter):
+  """t0_mhr.gin's optimizer against Hugging Face's Adafactor (the authors' optimizer) for 5 steps:
+  factoring the last two dims of every (S, K, d/S, r) leaf, two learning rates, clipping, warmup."""
+  import dataclasses
+  cfg = _t0_mhr_optimizer_config(tmp_path)
+  opt_cfg = dataclasses.replace(cfg.optimizer, adafactor_scale_parameter=scale_parameter)
+  assert (opt_cfg.name, opt_cfg.adafactor_factoring) == ("adafactor", "last_two")
+  assert cfg.optimizer.adafactor_scale_parameter is False  # the authors' setting
+  steps = 5
+  params = {"/".join(k): (_RNG.normal(size=s) * 0.05).astype(np.float32) for k, s in MHR_LEAVES.items()}
+  grads = [{k: _RNG.normal(size=v.shape).astype(np.float32) * 0.05 for k, v in params.items()} for _ in range(steps)]
+  labels = {k: "routing" if k.endswith("logits") else "adapters" for k in params}
+  ours, _ = _run_optax(optim.make_optimizer(opt_cfg, labels, cfg.run.train_steps), params, grads)
+
+  schedules = {g: optim.lr_schedule(opt_cfg.peak_lr(g), opt_cfg, cfg.run.train_steps) for g in ("adapters", "routing")}
+  names = sorted(params)
+  tparams = {k: torch.nn.Parameter(torch.tensor(params[k])) for k in names}
+  groups = [{"params": [tparams[k] for k in names if labels[k] == g], "lr": 0.0, "name": g} for g in schedules]
+  opt = HFAdafactor(groups, lr=0.0, scale_parameter=scale_parameter, relative_step=False, warmup_init=False,
+                    clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0)
+  for step, g in enumerate(grads):
+    for k in names:
+      tparams[k].grad = torch.tensor(g[k])
+    torch.nn.utils.clip_grad_norm_(list(tparams.values()), opt_cfg.clip_norm)
+    for group in opt.param_groups:
+      group["lr"] = float(schedules[group["name"]](step))
+    opt.step()
+  for k in names:
+    moved = tparams[k].detach().numpy() - params[k]
+    assert np.abs(moved).max() > 0
+    # Deltas of float32 params: exact up to the rounding of the params themselves (a few ulps).
+    np.testing.assert_allclose(ours[k] - params[k], moved, rtol=1e-4,
+                               atol=4 * np.finfo(np.float32).eps * np.abs(params[k]).max())
+
+
+@pytest.mark.parametrize("shape", [(313, 8, 8), (8, 8, 128, 16)])
+def test_optax_factoring_differs_from_the_authors_on_mhr_leaves(tmp_path, shape):
+  """The reason for the option: optax keeps a full moment for routing tables (T, S, K) and rank-16 blocks
+  (S, K, d/S, r), whose small dims are under its threshold; Hugging Face factors their last two dims."""
+  import dataclasses
+  cfg = _t0_mhr_optimizer_config(tmp_path).optimizer
+  params = {"a": (_RNG.normal(size=shape) * 0.05).astype(np.float32)}
+  grads = [{"a": _RNG.normal(size=shape).astype(np.float32)} for _ in range(4)]
+  runs = [_run_optax(optim.make_optimizer(dataclasses.replace(cfg, adafactor_factoring=f, clip_norm=None),
+                                          {"a": "adapters"}, 10), params, grads)[0]["a"] - params["a"]
+          for f in ("last_two", "largest")]
+  assert np.max(np.abs(runs[0] - runs[1])) > 1e-2 * np.max(np.abs(runs[1]))
+
+
 def test_adamw_with_clipping_matches_torch():
   cfg = optim.OptimizerConfig(name="adamw", routing_lr=1e-2, schedule="constant", warmup_steps=0,
                               clip_norm=1.0, weight_decay=0.1)

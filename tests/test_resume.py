@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mhr_jax import config as config_lib
-from mhr_jax import train
+from mhr_jax import cli
 
 REPO = config_lib.REPO_ROOT
 STEPS = 10
@@ -72,7 +72,7 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted_run(env, reference,
 
   # 1. SIGTERM after step 2: the handler saves a checkpoint at the step it finishes, then exits.
   status, stderr = run_until(env, model_dir, 2, signal.SIGTERM)
-  assert status == train.EXIT_PREEMPTED, stderr[-3000:]
+  assert status == cli.EXIT_PREEMPTED, stderr[-3000:]
   saved = sorted(int(s) for s in os.listdir(os.path.join(model_dir, "checkpoints")) if s.isdigit())
   assert len(saved) == 1 and 2 <= saved[0] < STEPS
   assert f"SIGTERM: checkpoint saved at step {saved[0]}" in stderr

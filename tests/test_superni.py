@@ -81,15 +81,16 @@ def test_register_tasks_ids_splits_and_references(clone, vocab):
   fewshot = data.eval_examples("superni_task010_heldout", "train_k16_seed42")
   assert [ex["instance_id"] for ex in fewshot] == superni.instance_splits(
       clone, "task010_heldout", 16, 42)["train"]
+  # Training tasks sample <= 100 of all their instances (Tk-Instruct's rule), so task003_small, with
+  # fewer than 100 instances, takes part with all 60.
   train = data.eval_examples("superni_task002_more", "train")
-  assert len(train) == 100 and all(int(ex["instance_id"].split("-")[1], 16) >= 100 for ex in train)
-  assert len(data.eval_examples("superni_task001_copy", "train")) == 30
-  # task003_small has all its 60 instances in the test block: rate 0 in the training mixture.
+  ids = [ex["instance_id"] for ex in train]
+  assert len(ids) == 100 and len(set(ids)) == 100
+  assert ids == [f"task002-{i:04x}" for i in np.random.default_rng(0).permutation(260)[:100]]
+  assert len(data.eval_examples("superni_task001_copy", "train")) == 100
   mixture = seqio.get_mixture_or_task("superni_train")
   rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
-  assert rates == {"superni_task001_copy": 30.0, "superni_task002_more": 100.0, "superni_task003_small": 0.0}
-  with pytest.raises(ValueError, match="'task003_small': split 'train' has no examples"):
-    data.eval_examples("superni_task003_small", "train")
+  assert rates == {"superni_task001_copy": 100.0, "superni_task002_more": 100.0, "superni_task003_small": 60.0}
 
   # Tk-Instruct's budget: positive examples are added only while the input plus EOS fits.
   task = superni.load_task(clone, "task010_heldout")
@@ -100,11 +101,16 @@ def test_register_tasks_ids_splits_and_references(clone, vocab):
   assert inputs[5] == superni.format_input(task, "input 5", 1)
   assert inputs[50].count("Positive Example") == 0  # "input 50" is one byte longer
 
-  # Re-registration is allowed and replaces; held-out ids can be given.
+  # Re-registration is allowed and replaces; held-out ids can be given; holding the test block out of
+  # training leaves task003_small with nothing to train on.
   reg2 = superni.register_superni(clone, vocab, heldout_task_ids={"task010_heldout": 7},
-                                  holdout_test_from_train=False)
+                                  holdout_test_from_train=True)
   assert reg2.task_ids["task010_heldout"] == 7
-  assert len(data.eval_examples("superni_task003_small", "train")) == 60
+  held = data.eval_examples("superni_task002_more", "train")
+  assert len(held) == 100 and all(int(ex["instance_id"].split("-")[1], 16) >= 100 for ex in held)
+  assert len(data.eval_examples("superni_task001_copy", "train")) == 30
+  with pytest.raises(ValueError, match="'task003_small': split 'train' has no examples"):
+    data.eval_examples("superni_task003_small", "train")
 
 
 def test_user_task_list_mixture_and_unknown_task(clone, vocab, tmp_path):
@@ -154,3 +160,28 @@ def test_bad_inputs_name_file_and_field(tmp_path):
   os.remove(os.path.join(clone, "splits", "default", "test_tasks.txt"))
   with pytest.raises(FileNotFoundError, match=r"test_tasks\.txt: task list file not found"):
     superni.register_superni(clone, data.get_vocabulary("byte"))
+
+
+def test_common_20_task_subset_is_shipped_and_selectable(clone, tmp_path):
+  """tasks/superni_test_tasks_20.txt (the authors' common subset of the 119 test tasks) is a task list
+  that DataConfig.test_task_list selects as the held-out tasks, resolved from the repository."""
+  from mhr_jax import config as config_lib
+  from mhr_jax.config import REPO_ROOT
+  names = superni.read_task_list(os.path.join(REPO_ROOT, "tasks", "superni_test_tasks_20.txt"))
+  assert len(names) == 20 and all(n.startswith("task") for n in names)
+  assert "task1159_bard_analogical_reasoning_containers" in names
+  d = config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone,
+                            test_task_list="tasks/superni_test_tasks_20.txt")
+  assert d.test_task_list == os.path.join(REPO_ROOT, "tasks", "superni_test_tasks_20.txt")
+  own = tmp_path / "two.txt"
+  own.write_text("task010_heldout\ntask001_copy\n")
+  cfg = config_lib.ExperimentConfig(
+      model_cfg=config_lib.ModelConfig(), model=config_lib.preset("tiny"),
+      data=config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone, test_task_list=str(own),
+                                 vocabulary="byte"),
+      loss=config_lib.LossConfig(), optimizer=config_lib.OptimizerConfig(), mesh=config_lib.MeshConfig(),
+      run=config_lib.RunConfig(model_dir=str(tmp_path / "run")), adapt=config_lib.AdaptConfig())
+  registration, _ = data.register_data(cfg)
+  assert data.heldout_tasks(cfg, registration) == ["task010_heldout", "task001_copy"]
+  with pytest.raises(config_lib.ConfigError, match="DataConfig.test_task_list='nope.txt': no such file"):
+    config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone, test_task_list="nope.txt")

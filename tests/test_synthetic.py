@@ -8,21 +8,35 @@ from mhr_jax import data
 from tasks import superni, synthetic
 
 # Independent re-statements of the skills, to check the written outputs.
+COLORS, ANIMALS = ["red", "blue", "green", "black", "white", "pink"], ["cat", "dog", "fox", "owl", "bee", "cow"]
+NUMBERS, FRUITS = ["one", "two", "three", "four", "five", "six"], ["apple", "lemon", "mango", "grape", "peach", "plum"]
+
+
+def _in(words, pool):
+  (word,) = [w for w in words if w in pool]
+  return word
+
+
 ORACLE = {
-    "reverse": lambda s: "".join(reversed(s)),
-    "uppercase": lambda s: "".join(chr(ord(c) - 32) if "a" <= c <= "z" else c for c in s),
-    "drop_vowels": lambda s: "".join(c for c in s if c.lower() not in "aeiou"),
-    "double": lambda s: "".join(c * 2 for c in s),
-    "rotate": lambda s: s[1:] + s[0] if s else s,
-    "sort": lambda s: "".join(sorted(s)),
-    "first3": lambda s: s[:3],
-    "swap_ends": lambda s: s if len(s) < 2 else s[-1] + s[1:-1] + s[0],
+    "color": lambda w: _in(w, COLORS),
+    "color_fr": lambda w: {"red": "rouge", "blue": "bleu", "green": "vert", "black": "noir", "white": "blanc",
+                           "pink": "rose"}[_in(w, COLORS)],
+    "animal": lambda w: _in(w, ANIMALS),
+    "animals": lambda w: _in(w, ANIMALS) + ("es" if _in(w, ANIMALS) == "fox" else "s"),
+    "number": lambda w: _in(w, NUMBERS),
+    "next": lambda w: (NUMBERS + ["seven"])[NUMBERS.index(_in(w, NUMBERS)) + 1],
+    "fruit": lambda w: _in(w, FRUITS),
+    "fruit_caps": lambda w: _in(w, FRUITS).upper(),
 }
 
 
-def _skills(task_name):
-  first, second = task_name.split("_synthetic_")[1].split("_then_")
-  return first, second
+def _expected(first, second, text):
+  words = text.split()
+  assert sorted(map(len, [set(words) & set(pool) for pool in (COLORS, ANIMALS, NUMBERS, FRUITS)])) == [1] * 4
+  return f"{ORACLE[first](words)} {ORACLE[second](words)}"
+
+
+_skills = synthetic.task_skills
 
 
 def _listed(root, split):
@@ -50,14 +64,14 @@ def test_suite_files_compositions_and_outputs(suite):
     assert len(task["Instances"]) == 120 and len({i["id"] for i in task["Instances"]}) == 120
     assert len({i["input"] for i in task["Instances"]}) == 120
     for inst in task["Instances"] + task["Positive Examples"]:
-      expected = ORACLE[second](ORACLE[first](inst["input"]))
+      expected = _expected(first, second, inst["input"])
       assert inst["output"] in (expected, [expected])
-      assert 3 <= len(inst["input"]) <= 12 and expected
-  # Pairs that collapse to a single skill or the identity are never tasks.
-  for first, second in train_pairs:
-    probe = ["hello", "abcdefg", "banana"]
-    composed = [ORACLE[second](ORACLE[first](p)) for p in probe]
-    assert composed != probe and all(composed != [ORACLE[s](p) for p in probe] for s in ORACLE)
+      assert len(inst["input"]) <= 23 and len(expected) <= 11   # within the tiny configs' lengths
+    assert task["Definition"] == [synthetic.definition(first, second)]
+  # A held-out pair recombines a training task's first skill with another's second skill.
+  firsts, seconds = {a for a, _ in train_pairs}, {b for _, b in train_pairs}
+  assert all(_skills(n)[0] in firsts and _skills(n)[1] in seconds for n in test)
+  assert len(synthetic._candidate_pairs()) == 56
 
 
 def test_suite_is_deterministic_per_seed(suite, tmp_path):
@@ -81,10 +95,18 @@ def test_registered_suite_batches_follow_their_task(tmp_path):
                                      n_instances=110)
   assert set(reg.mixtures) == {"synthetic_train", "synthetic_test"}
   by_id = {tid: name for name, tid in reg.task_ids.items()}
-  batch = next(data.train_batches("synthetic_train", "train", 16, 16, 16, seed=0))
+  batch = next(data.train_batches("synthetic_train", "train", 16, 32, 16, seed=0))
   assert set(np.unique(batch["task_ids"])) <= set(range(4))
   decode = lambda row: vocab.decode([int(t) for t in row if t > 1])
   for inputs, targets, task_id in zip(batch["encoder_input_tokens"], batch["decoder_target_tokens"],
                                       batch["task_ids"]):
     first, second = _skills(by_id[int(task_id)])
-    assert decode(targets) == ORACLE[second](ORACLE[first](decode(inputs)))
+    assert decode(targets) == _expected(first, second, decode(inputs))
+  # The "definition" prompt puts the task definition before the input (a base model's training format).
+  superni.register_superni(str(tmp_path / "s"), vocab, prefix="syndef",
+                           input_format=superni.InputFormat(prompt="definition"))
+  name = reg.mixtures["synthetic_test"][0]
+  example = data.eval_examples(f"syndef_{name}", "test")[0]
+  first, second = _skills(name)
+  assert example["inputs"] == f"Write {synthetic.SKILLS[first][1]}, then {synthetic.SKILLS[second][1]}. " + \
+      superni.load_task(str(tmp_path / "s"), name)["Instances"][0]["input"]

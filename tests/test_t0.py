@@ -154,3 +154,30 @@ def test_bad_inputs(p3, vocab, tmp_path):
   os.remove(os.path.join(tmp_path, "data", "no_choices", "validation.tfrecord-00000-of-00001"))
   with pytest.raises(FileNotFoundError, match="no P3 TFRecord files"):
     t0.read_split(str(tmp_path), "no_choices", "validation")
+
+
+@pytest.mark.parametrize("rule,rates,kept", [
+    ("authors", {"big_t1": 5.0, "big_t2": 5.0, "mid_t1": 5.0, "mid_t2": 5.0}, {"big_t1": 5, "mid_t1": 5}),
+    ("t0", {"big_t1": 5.0, "big_t2": 5.0, "mid_t1": 8.0, "mid_t2": 8.0}, {"big_t1": 12, "mid_t1": 8}),
+])
+def test_mixture_cap_rules(tmp_path, vocab, rule, rates, kept):
+  """The authors keep at most cap // n_templates examples of every template; T0 caps only datasets over
+  the cap. 'mid' (8 examples, under the cap of 10) tells them apart."""
+  catalog = {"max_examples_per_dataset": 10, "fewshot_seeds": [42],
+             "train": [{"dataset": "big", "train_size": 1000, "subsets": ["big_t1", "big_t2"]},
+                       {"dataset": "mid", "train_size": 8, "subsets": ["mid_t1", "mid_t2"]}],
+             "eval": []}
+  for subset, n in (("big_t1", 12), ("big_t2", 12), ("mid_t1", 8), ("mid_t2", 8)):
+    ff.write_p3_subset(tmp_path, subset, "train",
+                       [{"inputs": f"{subset} q {i}", "targets": f"a {i}"} for i in range(n)])
+  (tmp_path / "catalog.json").write_text(json.dumps(catalog))
+  t0.register_t0(str(tmp_path), vocab, prefix=f"cap_{rule}", catalog_path=str(tmp_path / "catalog.json"),
+                 cap_rule=rule)
+  mixture = seqio.get_mixture_or_task(f"cap_{rule}_train")
+  assert {t.name[len(f"cap_{rule}_"):]: mixture.get_rate(t) for t in mixture.tasks} == rates
+  for subset, n in kept.items():
+    task = seqio.get_mixture_or_task(f"cap_{rule}_{subset}")
+    inputs = [ex["inputs"].decode() for ex in task.source.get_dataset("train", shuffle=False).as_numpy_iterator()]
+    assert inputs == [f"{subset} q {i}" for i in range(n)]   # the first ones, in file order
+  with pytest.raises(ValueError, match="cap_rule='x'"):
+    t0.register_t0(str(tmp_path), vocab, catalog_path=str(tmp_path / "catalog.json"), cap_rule="x")

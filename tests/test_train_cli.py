@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from mhr_jax import config as config_lib
-from mhr_jax import train
+from mhr_jax import cli, train
 from mhr_jax.adapters import params as params_lib
 from mhr_jax.models.config import preset
 from mhr_jax.run_checkpoints import restore_params
@@ -78,7 +78,10 @@ def test_tiny_config_runs_and_resumes(env, tiny_run):
 
 def test_adapt_from_pretraining_run(env, tiny_run, tmp_path):
   """MHR-z through the CLI: one fresh routing row per pair trains, the skill inventory stays put; the
-  parameters of the step with the lowest dev loss are kept (best-on-dev)."""
+  parameters of the step with the best dev ROUGE-L are kept (best-on-dev); the reported metrics are the
+  official ones of the stored predictions against the task file's test instances."""
+  from mhr_jax import metrics
+  from tasks import superni
   pretrain_dir, _, pretrained = tiny_run
   assert pretrained.returncode == 0, pretrained.stderr[-3000:]
   model_dir = str(tmp_path / "adapt")
@@ -90,16 +93,24 @@ def test_adapt_from_pretraining_run(env, tiny_run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(model_dir, "results.json")) as f:
     results = json.load(f)
+  suite = os.path.join(model_dir, "synthetic_data")
+  test_tasks = superni.read_task_list(os.path.join(suite, "splits", "default", "test_tasks.txt"))
   assert results["method"] == "mhr-z" and results["pretrain_step"] == 3
-  assert [(p["task"], p["seed"]) for p in results["pairs"]] == [
-      (t, 13) for t in ("task009_synthetic_swap_ends_then_double", "task010_synthetic_reverse_then_first3")]
-  for pair in results["pairs"]:
-    assert 0.0 <= pair["rougeL"] <= 100.0 and 0.0 <= pair["exact_match"] <= 100.0
+  assert [(p["task"], p["seed"]) for p in results["pairs"]] == [(t, 13) for t in test_tasks]
+  for i, pair in enumerate(results["pairs"]):
+    with open(os.path.join(model_dir, "pairs", f"{i:04d}.json")) as f:
+      stored = json.load(f)
+    references = [inst["output"] for inst in superni.load_task(suite, pair["task"])["Instances"][:100]]
+    assert len(stored["predictions"]) == 100
+    assert metrics.superni_metrics(stored["predictions"], references) == {
+        "exact_match": pair["exact_match"], "rougeL": pair["rougeL"]}
     assert np.isfinite(pair["final_loss"])
-    assert pair["best_step"] in (1, 2) and np.isfinite(pair["best_dev_loss"])
-  assert "best-on-dev: every 1 steps on 2 dev batches per pair" in result.stderr  # 16 dev examples, batch 8
+    assert pair["best_step"] in (1, 2) and pair["dev_metric"] == "rougeL"
+    assert 0.0 <= pair["best_dev_score"] <= 100.0
+  assert results["trainable_params_per_pair"] == 36 * 4 * 4  # 36 adapted layers x S x K: one routing row
+  assert "best-on-dev: every 1 steps by dev rougeL" in result.stderr
   with open(os.path.join(model_dir, "results.md")) as f:
-    assert "| task009_synthetic_swap_ends_then_double |" in f.read()
+    assert f"| {test_tasks[0]} |" in f.read()
   assert [r["step"] for r in read_metrics(model_dir)] == [1, 2]
   adapted = ocp.StandardCheckpointer().restore(os.path.join(model_dir, "checkpoints", "2", "state"))
   before = restore_params(os.path.join(pretrain_dir, "checkpoints"), 3)
@@ -137,9 +148,9 @@ def test_hf_base_weights_and_nonfinite_stop(env, tmp_path):
   model_dir = str(tmp_path / "run")
   result = run_cli(env, f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=3",
                    f"--gin.RunConfig.init_checkpoint='{hf_dir}'")
-  assert result.returncode == train.EXIT_NONFINITE, result.stderr[-3000:]
+  assert result.returncode == cli.EXIT_NONFINITE, result.stderr[-3000:]
   # The merge reports the adapter parameters the HF checkpoint lacks.
-  assert f"base weights: {hf_dir} (" in result.stderr
+  assert f"starting weights: {hf_dir} (" in result.stderr
   assert "model params not in base (kept): decoder/block_0/cross_attention/k/lora_a" in result.stderr
   (line,) = error_lines(result.stderr)
   assert "non-finite" in line and "at step 1" in line and "adapters" in line
@@ -173,7 +184,8 @@ def _snapshot(directory):
     (["--gin.DataConfig.batch_size=12"], "DataConfig.batch_size=12 is not divisible by the mesh batch axes"),
     (["--gin.AdapterConfig.n_splits=2"], "holds a run with a different model/adapter config "
                                          "(AdapterConfig.n_splits: saved 4, now 2)"),
-    (["--gin.RunConfig.mode='adapt'"], "RunConfig.mode='adapt' needs RunConfig.pretrain_dir"),
+    (["--gin.RunConfig.mode='adapt'"], "RunConfig.mode='adapt' starts from RunConfig.pretrain_dir"),
+    (["--gin.RunConfig.init_run='/nonexistent/run'"], "RunConfig.init_run='/nonexistent/run': no config.gin there"),
     (["--gin.RunConfig.init_checkpoint='/nonexistent/hf'"], "RunConfig.init_checkpoint='/nonexistent/hf': "
                                                             "no such directory"),
     (["--gin.AdapterConfig.anneal_steps=41"], "AdapterConfig.anneal_steps=41 exceeds RunConfig.train_steps=40"),
@@ -183,7 +195,7 @@ def test_bad_input_is_one_line_and_writes_nothing(existing_run, flags, expected,
   before = _snapshot(existing_run)
   status = train.main(["--gin_file=configs/tiny.gin", f"--gin.MODEL_DIR='{existing_run}'", *flags])
   err = capsys.readouterr().err
-  assert status == train.EXIT_CONFIG_ERROR
+  assert status == cli.EXIT_CONFIG_ERROR
   (line,) = error_lines(err)
   assert expected in line
   assert "Traceback" not in err
@@ -196,7 +208,7 @@ def test_adapt_without_pretraining_checkpoint(existing_run, tmp_path, capsys):
   before = _snapshot(existing_run)
   status = train.main(["--gin_file=configs/adapt/tiny.gin", f"--gin.PRETRAIN_DIR='{existing_run}'",
                        f"--gin.MODEL_DIR='{model_dir}'"])
-  assert status == train.EXIT_CONFIG_ERROR
+  assert status == cli.EXIT_CONFIG_ERROR
   (line,) = error_lines(capsys.readouterr().err)
   assert line == (f"error: RunConfig.pretrain_dir='{existing_run}': no checkpoint in {existing_run}/checkpoints "
                   "(run or resume its pre-training first)")
@@ -204,26 +216,27 @@ def test_adapt_without_pretraining_checkpoint(existing_run, tmp_path, capsys):
   assert _snapshot(existing_run) == before
   status = train.main(["--gin_file=configs/adapt/tiny.gin", f"--gin.PRETRAIN_DIR='{tmp_path}/none'",
                        f"--gin.MODEL_DIR='{model_dir}'"])
-  assert status == train.EXIT_CONFIG_ERROR
+  assert status == cli.EXIT_CONFIG_ERROR
   assert "no config.gin there (not a run directory)" in error_lines(capsys.readouterr().err)[0]
   assert not model_dir.exists()
 
 
 def test_missing_model_dir_flag(capsys):
-  assert train.main(["--gin_file=configs/tiny.gin"]) == train.EXIT_CONFIG_ERROR
+  assert train.main(["--gin_file=configs/tiny.gin"]) == cli.EXIT_CONFIG_ERROR
   (line,) = error_lines(capsys.readouterr().err)
   assert line.startswith("error: MODEL_DIR is required: pass --gin.MODEL_DIR=")
 
 
 def test_flag_parsing():
-  args = train.parse_flags(["--gin_file=a.gin", "--gin.MODEL_DIR='/x'", "--gin_file=b.gin",
+  parser = cli.flag_parser("prog", "")
+  args = cli.parse_flags(parser, ["--gin_file=a.gin", "--gin.MODEL_DIR='/x'", "--gin_file=b.gin",
                             "--gin_bindings=RunConfig.seed = 3", "--gin.TRAIN_STEPS=4",
                             "--gin_search_paths=/p1,/p2", "--gin_search_paths=/p3"])
   assert args.gin_file == ["a.gin", "b.gin"]
   assert args.gin_bindings == ["MODEL_DIR = '/x'", "RunConfig.seed = 3", "TRAIN_STEPS = 4"]
   assert args.gin_search_paths == ["/p1", "/p2", "/p3"]
   with pytest.raises(config_lib.ConfigError, match="expected --gin.KEY=VALUE"):
-    train.parse_flags(["--gin_file=a.gin", "--gin.MODEL_DIR"])
+    cli.parse_flags(parser, ["--gin_file=a.gin", "--gin.MODEL_DIR"])
 
 
 # ------------------------------------------------------------------------------------------ throughput

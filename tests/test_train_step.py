@@ -326,3 +326,20 @@ def test_annealing_needs_a_valid_total_steps(peaked):
                      match=r"AdapterConfig.anneal_steps=4 exceeds RunConfig.train_steps=3"):
     make(3)
   make(4)
+
+
+def test_out_of_range_task_ids_are_refused_where_host_data_enters():
+  """Under jit a routing gather would clamp an id >= n_tasks to the last row silently; the train and
+  eval steps refuse host batches with such ids before running anything."""
+  model = models.T5(CFG)
+  labels = param_groups.param_labels(param_groups.abstract_params(CFG), "mhr")
+  tx = optim.make_optimizer(OPT_CFG, labels, 2)
+  mesh = _mesh(1)
+  shardings = ts.shardings_of(ts.abstract_train_state(model, labels, tx, mesh))
+  batch = _lm_batch()
+  for bad in (CFG.adapter.n_tasks, -1):
+    batch["task_ids"][3] = bad
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, adapter.n_tasks=3\)"):
+      ts.make_train_step(model, tx, losses.LossConfig(), mesh, shardings)(None, batch, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, adapter.n_tasks=3\)"):
+      ts.make_eval_step(model, losses.LossConfig(), mesh, shardings)(None, batch)

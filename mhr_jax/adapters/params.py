@@ -12,6 +12,7 @@ fully matches its '/'-joined path, e.g. "encoder/block_0/self_attention/q/routin
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
@@ -32,32 +33,73 @@ ADAPTER_RE = r".*/(lora_a|lora_b|ia3_scale)"
 Rules = Sequence[tuple[str, str]]
 
 _PRETRAIN = ((ROUTING_RE, "routing"), (ADAPTER_RE, "adapters"), (".*", "frozen"))
-_RULES: dict[str, Rules] = {
-    # Poly / MHR pre-training, and their few-shot variant (fresh routing rows + inventory).
-    "poly": _PRETRAIN,
-    "mhr": _PRETRAIN,
-    # MHR-z / Poly-z: only routing trains; `routing_row_mask` restricts it to the new rows.
-    "poly-z": ((ROUTING_RE, "routing"), (".*", "frozen")),
-    "mhr-z": ((ROUTING_RE, "routing"), (".*", "frozen")),
-    # The averaged adapter (a plain LoRA), shared LoRA and private LoRA.
-    "poly-mu": ((LORA_RE, "adapters"), (".*", "frozen")),
-    "mhr-mu": ((LORA_RE, "adapters"), (".*", "frozen")),
-    "lora": ((LORA_RE, "adapters"), (".*", "frozen")),
-    "private_lora": ((LORA_RE, "adapters"), (".*", "frozen")),
-    "ia3": ((IA3_RE, "adapters"), (".*", "frozen")),
-    # Full fine-tuning: every base weight (and any adapter present) trains.
-    "full": ((ROUTING_RE, "routing"), (ADAPTER_RE, "adapters"), (".*", "base")),
+_ROUTING_ONLY = ((ROUTING_RE, "routing"), (".*", "frozen"))
+_LORA_ONLY = ((LORA_RE, "adapters"), (".*", "frozen"))
+_FULL = ((ROUTING_RE, "routing"), (ADAPTER_RE, "adapters"), (".*", "base"))
+_ROUTED = ("poly", "mhr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A training method of the paper (METHODS.md), the one table every stage reads.
+
+  Attributes:
+    rules: which parameters train ((regex, group) pairs, see `param_labels`).
+    kind: the AdapterConfig.kind that pre-training for this method produces ("none" for full
+      fine-tuning): the experiment pre-trains this kind, then adapts with the method.
+    starts_from: the pre-trained adapter kinds few-shot adaptation with this method accepts. "none"
+      means a fresh adapter on a plain base model: the no-pre-training control.
+    new_task: adaptation gives the new task a fresh routing row (or private adapter).
+    mu: adaptation first averages the skills into one plain LoRA (transforms.to_mu).
+  """
+  rules: Rules
+  kind: str
+  starts_from: tuple[str, ...]
+  new_task: bool = False
+  mu: bool = False
+
+
+METHOD_TABLE: dict[str, Method] = {
+    # Poly / MHR: pre-training, and few-shot adaptation with a fresh routing row for the new task,
+    # routing and inventory training (from a pre-trained inventory, or a fresh one on the base).
+    "poly": Method(_PRETRAIN, "poly", (*_ROUTED, "none"), new_task=True),
+    "mhr": Method(_PRETRAIN, "mhr", (*_ROUTED, "none"), new_task=True),
+    # Poly-z / MHR-z: only routing trains; `routing_row_mask` or row selection keeps it to the new row.
+    "poly-z": Method(_ROUTING_ONLY, "poly", _ROUTED, new_task=True),
+    "mhr-z": Method(_ROUTING_ONLY, "mhr", _ROUTED, new_task=True),
+    # Poly-mu / MHR-mu: the skill-averaged inventory becomes one plain LoRA, which trains.
+    "poly-mu": Method(_LORA_ONLY, "poly", _ROUTED, mu=True),
+    "mhr-mu": Method(_LORA_ONLY, "mhr", _ROUTED, mu=True),
+    # Baselines: shared LoRA, private LoRA (one per task), (IA)^3, full fine-tuning.
+    "lora": Method(_LORA_ONLY, "lora", ("lora", "none")),
+    "private_lora": Method(_LORA_ONLY, "private_lora", ("private_lora", "none"), new_task=True),
+    "ia3": Method(((IA3_RE, "adapters"), (".*", "frozen")), "ia3", ("ia3", "none")),
+    "full": Method(_FULL, "none", ("none", "lora", "ia3", "private_lora", *_ROUTED)),
 }
-METHODS = tuple(_RULES)
+METHODS = tuple(METHOD_TABLE)
+
+
+def canonical_method(method: str) -> str:
+  """`method` as METHOD_TABLE spells it ('_' and '-' are interchangeable; case is ignored)."""
+  key = method.lower().replace("_", "-")
+  key = "private_lora" if key == "private-lora" else key
+  if key not in METHOD_TABLE:
+    raise ValueError(f"method={method!r}: expected one of {METHODS}")
+  return key
+
+
+def method_info(method: str) -> Method:
+  return METHOD_TABLE[canonical_method(method)]
+
+
+def pretraining_method(kind: str) -> str:
+  """The method whose rules pre-train an adapter of AdapterConfig.kind `kind`."""
+  return "full" if kind == "none" else canonical_method(kind)
 
 
 def default_rules(method: str) -> list[tuple[str, str]]:
   """The (regex, group) rules of `method` (one of METHODS; '_' and '-' are interchangeable)."""
-  key = method.lower().replace("_", "-")
-  key = "private_lora" if key == "private-lora" else key
-  if key not in _RULES:
-    raise ValueError(f"method={method!r}: expected one of {METHODS}")
-  return list(_RULES[key])
+  return list(method_info(method).rules)
 
 
 def _paths(tree) -> dict[tuple[str, ...], Any]:

@@ -1,0 +1,279 @@
+"""The few-shot adaptation stage: every (held-out task, seed) pair adapted from one starting point,
+evaluated, and written as one run directory.
+
+`adapt(cfg, config_text, mesh)` (RunConfig.mode="adapt") starts from a pre-training run's latest
+checkpoint (RunConfig.pretrain_dir), or from a plain base (a run of kind "none", or a Hugging Face
+directory in RunConfig.init_checkpoint) with a fresh adapter: the no-pre-training control. All pairs train
+as one vmapped program (mhr_jax/adaptation.py); each is then evaluated on its test data
+(mhr_jax/fewshot_benchmarks.py). The run directory holds config.gin, metrics.jsonl, resume/ (the training
+state, saved every RunConfig.checkpoint_every steps: a rerun continues exactly), pairs/ (one result file
+per evaluated pair, with its predictions: a rerun skips them), checkpoints/ (the adapted parameters) and, written last,
+results.json and results.md. SIGTERM saves the state and ends with status 143.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from mhr_jax import adaptation, models
+from mhr_jax import config as config_lib
+from mhr_jax.adapters import params as params_lib
+from mhr_jax.errors import NonFiniteLoss, RunError
+from mhr_jax.logging_utils import MetricsJsonl, banner, format_metrics, log, progress_bar
+from mhr_jax.run_checkpoints import (RunCheckpointer, StopSignal, latest_step, restore_params,
+                                     write_json_atomic, write_text_atomic)
+
+EXIT_PREEMPTED = 143
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the state is saved."""
+
+
+def starting_point(cfg: config_lib.ExperimentConfig, config_text: str) -> dict:
+  """Checks where adaptation starts and returns {"kind", "dir", "step"} (kind: the pre-trained
+  adapter kind, "none" for a plain base); ConfigError names the key when it does not fit."""
+  run, method = cfg.run, params_lib.method_info(cfg.adapt.method)
+  if run.init_checkpoint:
+    start = {"kind": "none", "dir": run.init_checkpoint, "step": None}
+  else:
+    pre = run.pretrain_dir
+    if not os.path.isfile(os.path.join(pre, "config.gin")):
+      raise config_lib.ConfigError(f"RunConfig.pretrain_dir={pre!r}: no config.gin there (not a run directory)")
+    step = latest_step(os.path.join(pre, "checkpoints"))
+    if step is None:
+      raise config_lib.ConfigError(f"RunConfig.pretrain_dir={pre!r}: no checkpoint in "
+                                   f"{os.path.join(pre, 'checkpoints')} (run or resume its pre-training first)")
+    start = {"kind": config_lib.saved_adapter_config(pre).kind, "dir": pre, "step": step}
+  kind = cfg.model.adapter.kind
+  if start["kind"] == kind:
+    if start["step"] is not None:
+      config_lib.check_run_dir(start["dir"], config_text, fix="adapt with the pre-training run's model config")
+  elif start["kind"] == "none" and "none" in method.starts_from:
+    if start["step"] is not None:  # a fresh adapter on that run's base: only the architecture must match
+      config_lib.check_run_dir(start["dir"], config_text, fix="adapt with the base run's model config",
+                               sections=("ModelConfig",))
+  else:
+    where = (f"RunConfig.pretrain_dir={run.pretrain_dir!r} holds a pre-trained adapter of kind {start['kind']!r}"
+             if run.pretrain_dir else "RunConfig.init_checkpoint is a plain base")
+    raise config_lib.ConfigError(f"{where}; AdaptConfig.method={cfg.adapt.method!r} with "
+                                 f"AdapterConfig.kind={kind!r} starts from kind {method.starts_from}")
+  loss_kind = "tfew" if cfg.data.source == "t0" else "lm"
+  if cfg.loss.kind != loss_kind:
+    raise config_lib.ConfigError(
+        f"LossConfig.kind={cfg.loss.kind!r}: few-shot adaptation on DataConfig.source={cfg.data.source!r} "
+        f"trains with LossConfig.kind={loss_kind!r}")
+  if cfg.adapt.select_every and cfg.data.source == "t0":
+    raise config_lib.ConfigError("AdaptConfig.select_every: the T0 protocol has no dev split (T-Few keeps "
+                                 "the last step); use 0")
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError("few-shot adaptation runs in one process (its pair batches are host-global)")
+  return start
+
+
+def _start_params(cfg: config_lib.ExperimentConfig, start: dict) -> dict:
+  if start["step"] is not None:
+    params = restore_params(os.path.join(start["dir"], "checkpoints"), start["step"])
+    log.info("starting params: %s/checkpoints/%d (kind %s)", start["dir"], start["step"], start["kind"])
+    return params
+  from mhr_jax.checkpoints import hf_t5  # pylint: disable=g-import-not-at-top
+  try:
+    _, params = hf_t5.load_hf_t5(start["dir"])
+  except ValueError as e:
+    raise RunError(f"RunConfig.init_checkpoint={start['dir']!r}: {e}") from None
+  log.info("starting params: Hugging Face base %s", start["dir"])
+  return params
+
+
+class _OrbaxResume:
+  """adaptation.Resume backed by an orbax manager in MODEL_DIR/resume (the latest state only); a SIGTERM
+  seen at a save ends the run after it."""
+
+  def __init__(self, directory: str, every: int, num_steps: int, stop: StopSignal, async_save: bool):
+    self.every, self._num_steps, self._stop = every, num_steps, stop
+    self._manager = RunCheckpointer(directory, 1, 1, async_save)
+
+  def restore(self, target: dict):
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    trees = {k: v for k, v in target.items() if k in _TREES and v is not None}
+    restored, progress = self._manager.restore(step, trees)
+    state = dict(target, **restored)
+    for key in _LOGS:
+      state[key] = np.asarray(progress[key], target[key].dtype).reshape(target[key].shape)
+    log.info("resumed adaptation from %s/%d (pair group %d, step %d)", self._manager.directory, step,
+             progress["group"], progress["step"])
+    return int(progress["group"]), int(progress["step"]), state
+
+  def save(self, group: int, step: int, state: dict) -> None:
+    progress = {"group": group, "step": step}
+    progress.update({k: np.asarray(state[k]).tolist() for k in _LOGS})
+    self._manager.save(group * self._num_steps + step, {k: state[k] for k in _TREES if state[k] is not None},
+                       _json_safe(progress), force=True)
+    if self._stop.should_stop(step, self._manager):
+      self._manager.wait()
+      raise Preempted(f"SIGTERM: adaptation state saved at pair group {group}, step {step}")
+
+  def stop_requested(self) -> bool:
+    return self._stop.received
+
+  def close(self) -> None:
+    self._manager.wait()
+    self._manager.close()
+
+
+_TREES = ("trainable", "opt_state", "best")
+_LOGS = ("best_score", "best_step", "losses", "scores")
+
+
+def _json_safe(value):
+  """NaN / inf -> None (strict JSON), recursively; `restore` turns None back into NaN."""
+  if isinstance(value, list):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, float) and not np.isfinite(value):
+    return None
+  return value
+
+
+def _pair_file(model_dir: str, index: int) -> str:
+  return os.path.join(model_dir, "pairs", f"{index:04d}.json")
+
+
+def adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
+  """Adapts every (task, seed) pair, evaluates, writes the results; returns 0 or EXIT_PREEMPTED."""
+  start = starting_point(cfg, config_text)
+  stop = StopSignal()
+  try:
+    return _adapt(cfg, config_text, mesh, start, stop)
+  finally:
+    stop.restore_handler()
+
+
+def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict, stop: StopSignal) -> int:
+  from mhr_jax import data, fewshot_benchmarks  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  a, run_cfg, model_dir = cfg.adapt, cfg.run, cfg.run.model_dir
+  start_time = time.time()
+  write_text_atomic(os.path.join(model_dir, "config.gin"), config_text)
+
+  banner("data")
+  fewshot = {"fewshot_seeds": a.seeds} if cfg.data.source == "t0" else {"fewshot_ks": (a.shots,),
+                                                                        "fewshot_seeds": a.seeds}
+  registration, vocabulary = data.register_data(cfg, **fewshot)
+  benchmark = fewshot_benchmarks.fewshot_pairs(cfg, registration, vocabulary)
+  pairs = benchmark.pairs
+  log.info("%d pairs: %s", len(pairs), benchmark.description)
+
+  banner("state")
+  params = _start_params(cfg, start)
+  keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(seed), i) for i, (_, seed) in enumerate(pairs)])
+
+  banner("loop")
+  steps = run_cfg.train_steps
+  if not steps:
+    log.info("RunConfig.train_steps=0: evaluating the %s starting point zero-shot", a.method)
+  sequential = a.method == "full"
+  batches = fewshot_benchmarks.PairBatches(benchmark.train_streams(), keep_all=sequential) if steps else None
+  select, dev = {}, None
+  if a.select_every and steps:
+    dev = benchmark.dev_batches() if a.select_metric == "loss" else None
+    select = {"dev_batches": dev} if dev else {"select": benchmark.dev_scorer(mesh)}
+    log.info("best-on-dev: every %d steps by dev %s", a.select_every, a.select_metric)
+  resume = _OrbaxResume(os.path.join(model_dir, "resume"), run_cfg.checkpoint_every, steps, stop,
+                        run_cfg.async_checkpoints) if steps else None
+  bar = progress_bar(0, steps * (len(pairs) if sequential else 1))
+  try:
+    result = adaptation.adapt(a.method, cfg.model, params, cfg.optimizer, cfg.loss, batches, keys, steps,
+                              eval_every=a.select_every, mesh=mesh, progress=bar.update, resume=resume,
+                              **select)
+  except Preempted as e:
+    log.info("%s; run the same command to resume", e)
+    return EXIT_PREEMPTED
+  finally:
+    bar.close()
+    if resume is not None:
+      resume.close()
+  jsonl = MetricsJsonl(os.path.join(model_dir, "metrics.jsonl"))
+  for step, step_losses in enumerate(result.losses, start=1):
+    bad = [p for p, x in zip(pairs, step_losses) if not np.isfinite(x)]
+    if bad:
+      raise NonFiniteLoss(f"non-finite adaptation loss at step {step} for (task, seed) pairs {bad}")
+    if step % run_cfg.log_every == 0 or step == steps:
+      jsonl.write(step, {"loss": float(np.mean(step_losses)),
+                         **{f"loss/{t}/seed{seed}": float(x) for (t, seed), x in zip(pairs, step_losses)}})
+  rows = [{"task": t, "seed": seed} for t, seed in pairs]
+  if steps:
+    log.info("final training loss: %.4f (mean over pairs)", float(np.mean(result.losses[-1])))
+    for i, row in enumerate(rows):
+      row["final_loss"] = float(result.losses[-1, i])
+  if result.dev_scores is not None:
+    for i, row in enumerate(rows):
+      row.update(best_step=int(result.best_step[i]), best_dev_score=float(np.max(result.dev_scores[:, i])),
+                 dev_metric=a.select_metric)
+
+  banner("evaluate")
+  model = models.T5(result.model_cfg)
+  counts = _trainable_per_pair(result, steps)
+  if a.evaluate:
+    status = _evaluate_pairs(benchmark, model, result, rows, model_dir, mesh, stop)
+    if status:
+      return status
+  checkpoints = None
+  if steps:  # the adapted parameters (zero-shot evaluation trains nothing: its start is kept elsewhere)
+    checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints"), steps, None, run_cfg.async_checkpoints)
+    checkpointer.save(steps, {"trainable": result.trainable, "frozen": result.frozen},
+                      {"pairs": [list(p) for p in pairs], "method": a.method}, force=True)
+    checkpointer.wait()
+    checkpointer.close()
+    checkpoints = checkpointer.directory
+  results = {"status": "done", "mode": "adapt", "method": a.method, "source": cfg.data.source, "steps": steps,
+             "start": {"kind": start["kind"], "dir": os.path.abspath(start["dir"]), "step": start["step"]},
+             "pretrain_dir": os.path.abspath(run_cfg.pretrain_dir) if run_cfg.pretrain_dir else None,
+             "pretrain_step": start["step"], "trainable_params_per_pair": counts, "pairs": rows,
+             "wall_time_s": time.time() - start_time, "checkpoints": checkpoints}
+  if cfg.data.source != "t0":
+    results["shots"] = a.shots
+  if a.evaluate:
+    results["table"], markdown = benchmark.summary(rows)
+    write_text_atomic(os.path.join(model_dir, "results.md"),
+                      f"# {a.method} few-shot adaptation ({cfg.data.source}); mean ± std over seeds "
+                      f"{list(a.seeds)}\n\n{markdown}\n")
+  write_json_atomic(os.path.join(model_dir, "results.json"), results)
+  banner("results")
+  if a.evaluate:
+    log.info("results (mean ± std over seeds):\n%s", markdown)
+  log.info("results: %s; adapted params: %s", os.path.join(os.path.abspath(model_dir), "results.json"),
+           checkpoints or "none (zero-shot)")
+  return 0
+
+
+def _trainable_per_pair(result: adaptation.AdaptationResult, steps: int) -> int:
+  """Parameters one pair trains (-z methods: the new task's routing row only; zero-shot: none)."""
+  return int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(result.trainable))) if steps else 0
+
+
+def _evaluate_pairs(benchmark, model, result, rows, model_dir: str, mesh, stop: StopSignal) -> int:
+  """Evaluates every pair, reusing pairs/<i>.json written for the same training; 0 or EXIT_PREEMPTED."""
+  with progress_bar(0, len(rows), unit="pair") as pair_bar:
+    for i, row in enumerate(rows):
+      path = _pair_file(model_dir, i)
+      saved = None
+      if os.path.isfile(path):
+        with open(path) as f:
+          saved = json.load(f)
+      if saved is None or any(saved.get(k) != row.get(k) for k in ("task", "seed", "final_loss")):
+        saved = {**row, **benchmark.evaluate(model, result.pair_params(i), i, mesh)}
+        write_json_atomic(path, saved)  # with the predictions, for error analysis
+      row.update({k: v for k, v in saved.items() if k != "predictions"})
+      log.info("%s seed %d: %s", row["task"], row["seed"],
+               format_metrics({k: v for k, v in row.items() if isinstance(v, float)}))
+      pair_bar.update(1)
+      if stop.received and i + 1 < len(rows):
+        log.info("SIGTERM: %d of %d pairs evaluated (kept in %s); run the same command to resume", i + 1,
+                 len(rows), os.path.dirname(path))
+        return EXIT_PREEMPTED
+  return 0
