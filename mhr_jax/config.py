@@ -488,7 +488,7 @@ def build_mesh(cfg: ExperimentConfig):
   batch, accum = cfg.data.batch_size, cfg.optimizer.grad_accum_steps
   if batch % shards:
     raise ConfigError(f"DataConfig.batch_size={batch} is not divisible by the mesh batch axes {axes}")
-  if batch % jax.process_count():
+  if cfg.run.mode == "pretrain" and batch % jax.process_count():  # adaptation spreads pairs, not rows
     raise ConfigError(f"DataConfig.batch_size={batch} is not divisible by the {jax.process_count()} processes")
   eval_batch = cfg.adapt.eval_batch_size
   if cfg.run.mode == "adapt" and eval_batch and eval_batch % shards:

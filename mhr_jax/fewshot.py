@@ -7,8 +7,10 @@ directory in RunConfig.init_checkpoint) with a fresh adapter: the no-pre-trainin
 as one vmapped program (mhr_jax/adaptation.py); each is then evaluated on its test data
 (mhr_jax/fewshot_benchmarks.py). The run directory holds config.gin, metrics.jsonl, resume/ (the training
 state, saved every RunConfig.checkpoint_every steps: a rerun continues exactly), pairs/ (one result file
-per evaluated pair, with its predictions: a rerun skips them), checkpoints/ (the adapted parameters) and, written last,
-results.json and results.md. SIGTERM saves the state and ends with status 143.
+per evaluated pair, with its predictions: a rerun skips them), checkpoints/ (the adapted parameters) and,
+written last, results.json and results.md. SIGTERM saves the state and ends with status 143. With several
+processes (jax.distributed), every process adapts and evaluates every process_count-th pair on its own
+devices (resume/ and checkpoints/ get a process_<i> folder each) and process 0 writes the gathered results.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from mhr_jax import adaptation, models
+from mhr_jax import adaptation, models, partitioning
 from mhr_jax import config as config_lib
 from mhr_jax.adapters import params as params_lib
 from mhr_jax.errors import NonFiniteLoss, RunError
@@ -70,8 +72,6 @@ def starting_point(cfg: config_lib.ExperimentConfig, config_text: str) -> dict:
   if cfg.adapt.select_every and cfg.data.source == "t0":
     raise config_lib.ConfigError("AdaptConfig.select_every: the T0 protocol has no dev split (T-Few keeps "
                                  "the last step); use 0")
-  if jax.process_count() > 1:
-    raise config_lib.ConfigError("few-shot adaptation runs in one process (its pair batches are host-global)")
   return start
 
 
@@ -90,18 +90,19 @@ def _start_params(cfg: config_lib.ExperimentConfig, start: dict) -> dict:
 
 
 class _OrbaxResume:
-  """adaptation.Resume backed by an orbax manager in MODEL_DIR/resume (the latest state only); a SIGTERM
-  seen at a save ends the run after it."""
+  """adaptation.Resume backed by an orbax manager in MODEL_DIR/resume (the latest state only; one directory
+  per process when pairs are spread over processes). In one process a SIGTERM saves and ends the run; with
+  several, each process's pairs continue from their last periodic save."""
 
   def __init__(self, directory: str, every: int, num_steps: int, stop: StopSignal, async_save: bool):
     self.every, self._num_steps, self._stop = every, num_steps, stop
-    self._manager = RunCheckpointer(directory, 1, 1, async_save)
+    self._manager = RunCheckpointer(directory, 1, 1, async_save, process_local=True)
 
   def restore(self, target: dict):
     step = self._manager.latest_step()
     if step is None:
       return None
-    trees = {k: v for k, v in target.items() if k in _TREES and v is not None}
+    trees = _host_if_shared({k: v for k, v in target.items() if k in _TREES and v is not None})
     restored, progress = self._manager.restore(step, trees)
     state = dict(target, **restored)
     for key in _LOGS:
@@ -113,14 +114,14 @@ class _OrbaxResume:
   def save(self, group: int, step: int, state: dict) -> None:
     progress = {"group": group, "step": step}
     progress.update({k: np.asarray(state[k]).tolist() for k in _LOGS})
-    self._manager.save(group * self._num_steps + step, {k: state[k] for k in _TREES if state[k] is not None},
-                       _json_safe(progress), force=True)
-    if self._stop.should_stop(step, self._manager):
+    trees = _host_if_shared({k: state[k] for k in _TREES if state[k] is not None})
+    self._manager.save(group * self._num_steps + step, trees, _json_safe(progress), force=True)
+    if self.stop_requested():
       self._manager.wait()
       raise Preempted(f"SIGTERM: adaptation state saved at pair group {group}, step {step}")
 
   def stop_requested(self) -> bool:
-    return self._stop.received
+    return jax.process_count() == 1 and self._stop.received
 
   def close(self) -> None:
     self._manager.wait()
@@ -129,6 +130,12 @@ class _OrbaxResume:
 
 _TREES = ("trainable", "opt_state", "best")
 _LOGS = ("best_score", "best_step", "losses", "scores")
+
+
+def _host_if_shared(tree):
+  """With several processes, a process's own arrays live on its local devices, which orbax does not
+  serialise in a multi-process run: they are saved (and restored) as host NumPy arrays instead."""
+  return jax.device_get(tree) if jax.process_count() > 1 else tree
 
 
 def _json_safe(value):
@@ -154,6 +161,35 @@ def adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
     stop.restore_handler()
 
 
+def _local_mesh(cfg: config_lib.ExperimentConfig):
+  """A mesh over this process's own devices: with several processes, each adapts its own pairs."""
+  try:
+    mesh = partitioning.make_mesh(cfg.mesh, devices=jax.local_devices())
+  except ValueError as e:
+    raise config_lib.ConfigError(f"few-shot adaptation on several processes uses each process's "
+                                 f"{jax.local_device_count()} devices: {e}") from None
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for key, size in (("DataConfig.batch_size", cfg.data.batch_size),
+                    ("AdaptConfig.eval_batch_size", cfg.adapt.eval_batch_size)):
+    if size and size % shards:
+      raise config_lib.ConfigError(f"{key}={size} is not divisible by the {shards} batch shards of each "
+                                   "process's mesh (few-shot adaptation runs pairs per process)")
+  return mesh
+
+
+def _allgather_json(value) -> list:
+  """[value of process 0, value of process 1, ...] on every process (JSON-serialisable values)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  payload = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int32))).reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:payload.size] = payload
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(gathered[p, :int(sizes[p])]).decode("utf-8")) for p in range(len(sizes))]
+
+
 def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict, stop: StopSignal) -> int:
   from mhr_jax import data, fewshot_benchmarks  # pylint: disable=g-import-not-at-top  (TensorFlow)
   a, run_cfg, model_dir = cfg.adapt, cfg.run, cfg.run.model_dir
@@ -167,25 +203,34 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   benchmark = fewshot_benchmarks.fewshot_pairs(cfg, registration, vocabulary)
   pairs = benchmark.pairs
   log.info("%d pairs: %s", len(pairs), benchmark.description)
+  # Pairs are independent: with several processes each adapts and evaluates every process_count-th pair
+  # on its own devices, and process 0 writes the gathered results.
+  multi = jax.process_count() > 1
+  mine = list(range(jax.process_index(), len(pairs), jax.process_count()))
+  if multi:
+    mesh = _local_mesh(cfg)
+    log.info("this process adapts pairs %s on %s", mine, partitioning.describe(mesh))
 
   banner("state")
   params = _start_params(cfg, start)
-  keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(seed), i) for i, (_, seed) in enumerate(pairs)])
+  keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(pairs[i][1]), i) for i in mine])
 
   banner("loop")
   steps = run_cfg.train_steps
   if not steps:
     log.info("RunConfig.train_steps=0: evaluating the %s starting point zero-shot", a.method)
   sequential = a.method == "full"
-  batches = fewshot_benchmarks.PairBatches(benchmark.train_streams(), keep_all=sequential) if steps else None
-  select, dev = {}, None
+  batches = (fewshot_benchmarks.PairBatches(benchmark.train_streams(mine), keep_all=sequential)
+             if steps else None)
+  select = {}
   if a.select_every and steps:
-    dev = benchmark.dev_batches() if a.select_metric == "loss" else None
-    select = {"dev_batches": dev} if dev else {"select": benchmark.dev_scorer(mesh)}
+    select = ({"dev_batches": benchmark.dev_batches(mine)} if a.select_metric == "loss"
+              else {"select": benchmark.dev_scorer(mesh, mine)})
     log.info("best-on-dev: every %d steps by dev %s", a.select_every, a.select_metric)
-  resume = _OrbaxResume(os.path.join(model_dir, "resume"), run_cfg.checkpoint_every, steps, stop,
+  own = f"process_{jax.process_index()}" if multi else ""
+  resume = _OrbaxResume(os.path.join(model_dir, "resume", own), run_cfg.checkpoint_every, steps, stop,
                         run_cfg.async_checkpoints) if steps else None
-  bar = progress_bar(0, steps * (len(pairs) if sequential else 1))
+  bar = progress_bar(0, steps * (len(mine) if sequential else 1))
   try:
     result = adaptation.adapt(a.method, cfg.model, params, cfg.optimizer, cfg.loss, batches, keys, steps,
                               eval_every=a.select_every, mesh=mesh, progress=bar.update, resume=resume,
@@ -197,23 +242,16 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
     bar.close()
     if resume is not None:
       resume.close()
-  jsonl = MetricsJsonl(os.path.join(model_dir, "metrics.jsonl"))
-  for step, step_losses in enumerate(result.losses, start=1):
-    bad = [p for p, x in zip(pairs, step_losses) if not np.isfinite(x)]
-    if bad:
-      raise NonFiniteLoss(f"non-finite adaptation loss at step {step} for (task, seed) pairs {bad}")
-    if step % run_cfg.log_every == 0 or step == steps:
-      jsonl.write(step, {"loss": float(np.mean(step_losses)),
-                         **{f"loss/{t}/seed{seed}": float(x) for (t, seed), x in zip(pairs, step_losses)}})
-  rows = [{"task": t, "seed": seed} for t, seed in pairs]
-  if steps:
-    log.info("final training loss: %.4f (mean over pairs)", float(np.mean(result.losses[-1])))
-    for i, row in enumerate(rows):
-      row["final_loss"] = float(result.losses[-1, i])
-  if result.dev_scores is not None:
-    for i, row in enumerate(rows):
-      row.update(best_step=int(result.best_step[i]), best_dev_score=float(np.max(result.dev_scores[:, i])),
+  rows = []
+  for j, i in enumerate(mine):
+    row = {"index": i, "task": pairs[i][0], "seed": pairs[i][1]}
+    if steps:
+      row["final_loss"] = float(result.losses[-1, j])
+      row["losses"] = result.losses[:, j].tolist()
+    if result.dev_scores is not None:
+      row.update(best_step=int(result.best_step[j]), best_dev_score=float(np.max(result.dev_scores[:, j])),
                  dev_metric=a.select_metric)
+    rows.append(row)
 
   banner("evaluate")
   model = models.T5(result.model_cfg)
@@ -222,19 +260,29 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
     status = _evaluate_pairs(benchmark, model, result, rows, model_dir, mesh, stop)
     if status:
       return status
+  rows = sorted((r for rows_of in _allgather_json(rows) for r in rows_of), key=lambda r: r["index"])
   checkpoints = None
   if steps:  # the adapted parameters (zero-shot evaluation trains nothing: its start is kept elsewhere)
-    checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints"), steps, None, run_cfg.async_checkpoints)
-    checkpointer.save(steps, {"trainable": result.trainable, "frozen": result.frozen},
-                      {"pairs": [list(p) for p in pairs], "method": a.method}, force=True)
+    checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints", own), steps, None,
+                                   run_cfg.async_checkpoints, process_local=True)
+    checkpointer.save(steps, _host_if_shared({"trainable": result.trainable, "frozen": result.frozen}),
+                      {"pairs": [list(pairs[i]) for i in mine], "method": a.method}, force=True)
     checkpointer.wait()
     checkpointer.close()
-    checkpoints = checkpointer.directory
+    checkpoints = os.path.dirname(checkpointer.directory) if multi else checkpointer.directory
+  _write_losses(os.path.join(model_dir, "metrics.jsonl"), rows, steps, run_cfg.log_every)
+  for row in rows:
+    path = _pair_file(model_dir, row["index"])
+    if a.evaluate and not os.path.isfile(path):  # evaluated on another process
+      write_json_atomic(path, row)
+    for key in ("predictions", "losses", "index"):
+      row.pop(key, None)
   results = {"status": "done", "mode": "adapt", "method": a.method, "source": cfg.data.source, "steps": steps,
              "start": {"kind": start["kind"], "dir": os.path.abspath(start["dir"]), "step": start["step"]},
              "pretrain_dir": os.path.abspath(run_cfg.pretrain_dir) if run_cfg.pretrain_dir else None,
              "pretrain_step": start["step"], "trainable_params_per_pair": counts, "pairs": rows,
-             "wall_time_s": time.time() - start_time, "checkpoints": checkpoints}
+             "processes": jax.process_count(), "wall_time_s": time.time() - start_time,
+             "checkpoints": checkpoints}
   if cfg.data.source != "t0":
     results["shots"] = a.shots
   if a.evaluate:
@@ -251,29 +299,47 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   return 0
 
 
+def _write_losses(path: str, rows: list[dict], steps: int, log_every: int) -> None:
+  """metrics.jsonl: every logged step's mean loss over pairs and each pair's loss; NonFiniteLoss names
+  the pairs whose loss became NaN / inf."""
+  jsonl = MetricsJsonl(path)
+  for step in range(1, steps + 1):
+    step_losses = [r["losses"][step - 1] for r in rows]
+    bad = [(r["task"], r["seed"]) for r, x in zip(rows, step_losses) if not np.isfinite(x)]
+    if bad:
+      raise NonFiniteLoss(f"non-finite adaptation loss at step {step} for (task, seed) pairs {bad}")
+    if step % log_every == 0 or step == steps:
+      jsonl.write(step, {"loss": float(np.mean(step_losses)),
+                         **{f"loss/{r['task']}/seed{r['seed']}": float(x) for r, x in zip(rows, step_losses)}})
+  if steps:
+    log.info("final training loss: %.4f (mean over pairs)", float(np.mean([r["final_loss"] for r in rows])))
+
+
 def _trainable_per_pair(result: adaptation.AdaptationResult, steps: int) -> int:
   """Parameters one pair trains (-z methods: the new task's routing row only; zero-shot: none)."""
   return int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(result.trainable))) if steps else 0
 
 
 def _evaluate_pairs(benchmark, model, result, rows, model_dir: str, mesh, stop: StopSignal) -> int:
-  """Evaluates every pair, reusing pairs/<i>.json written for the same training; 0 or EXIT_PREEMPTED."""
+  """Evaluates this process's pairs (rows: their index, task, seed, final loss), reusing pairs/<i>.json
+  written for the same training; adds each pair's metrics and predictions to its row. Returns 0, or
+  EXIT_PREEMPTED after a SIGTERM (the evaluated pairs are kept)."""
   with progress_bar(0, len(rows), unit="pair") as pair_bar:
-    for i, row in enumerate(rows):
-      path = _pair_file(model_dir, i)
+    for j, row in enumerate(rows):
+      path = _pair_file(model_dir, row["index"])
       saved = None
       if os.path.isfile(path):
         with open(path) as f:
           saved = json.load(f)
       if saved is None or any(saved.get(k) != row.get(k) for k in ("task", "seed", "final_loss")):
-        saved = {**row, **benchmark.evaluate(model, result.pair_params(i), i, mesh)}
+        saved = {**row, **benchmark.evaluate(model, result.pair_params(j), row["index"], mesh)}
         write_json_atomic(path, saved)  # with the predictions, for error analysis
-      row.update({k: v for k, v in saved.items() if k != "predictions"})
+      row.update({k: v for k, v in saved.items() if k not in row})
       log.info("%s seed %d: %s", row["task"], row["seed"],
                format_metrics({k: v for k, v in row.items() if isinstance(v, float)}))
       pair_bar.update(1)
-      if stop.received and i + 1 < len(rows):
-        log.info("SIGTERM: %d of %d pairs evaluated (kept in %s); run the same command to resume", i + 1,
+      if stop.received and j + 1 < len(rows):
+        log.info("SIGTERM: %d of %d pairs evaluated (kept in %s); run the same command to resume", j + 1,
                  len(rows), os.path.dirname(path))
         return EXIT_PREEMPTED
   return 0

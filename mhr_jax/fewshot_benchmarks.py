@@ -66,18 +66,19 @@ class SuperNIPairs:
     self.pairs = [(t, seed) for t in tasks for seed in a.seeds]
     self.description = f"{len(tasks)} task(s) x seeds {list(a.seeds)}, {a.shots} shots each"
 
-  def train_streams(self) -> list[Iterator[dict]]:
+  def train_streams(self, indices: Sequence[int]) -> list[Iterator[dict]]:
+    """The training batch streams of pairs `indices`."""
     d, shots = self._cfg.data, self._cfg.adapt.shots
     return [data.train_batches(self._registration.tasks[t], f"train_k{shots}_seed{seed}", d.batch_size,
-                               d.input_len, d.target_len, seed=seed) for t, seed in self.pairs]
+                               d.input_len, d.target_len, seed=seed) for t, seed in _at(self.pairs, indices)]
 
-  def dev_batches(self) -> list[dict[str, np.ndarray]]:
-    """The pairs' dev_k<shots>_seed<seed> splits as pair batches (N, B, ...), one pass (best-on-dev)."""
+  def dev_batches(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Pairs `indices`' dev_k<shots>_seed<seed> splits as pair batches (n, B, ...), one pass (best-on-dev)."""
     d, shots = self._cfg.data, self._cfg.adapt.shots
     per_pair = [
         data.lm_eval_batches(data.eval_examples(self._registration.tasks[t], f"dev_k{shots}_seed{seed}"),
                              self._vocabulary, d.batch_size, d.input_len, d.target_len)
-        for t, seed in self.pairs]
+        for t, seed in _at(self.pairs, indices)]
     return [stack_pairs(rows) for rows in zip(*per_pair)]
 
   def _generate(self, model, params, examples, mesh) -> tuple[dict, list[str]]:
@@ -94,12 +95,13 @@ class SuperNIPairs:
     scores, predictions = self._generate(model, params, examples, mesh)
     return {**scores, "predictions": predictions}
 
-  def dev_scorer(self, mesh):
-    """adaptation.adapt's `select`: each pair's ROUGE-L on its dev_k<shots>_seed<seed> split by greedy
-    decoding (the authors keep the checkpoint with the best dev ROUGE-L)."""
+  def dev_scorer(self, mesh, indices: Sequence[int]):
+    """adaptation.adapt's `select` for pairs `indices`: each pair's ROUGE-L on its dev_k<shots>_seed<seed>
+    split by greedy decoding (the authors keep the checkpoint with the best dev ROUGE-L)."""
     from mhr_jax.adapters import params as param_groups  # pylint: disable=g-import-not-at-top
     shots = self._cfg.adapt.shots
-    dev = [data.eval_examples(self._registration.tasks[t], f"dev_k{shots}_seed{seed}") for t, seed in self.pairs]
+    dev = [data.eval_examples(self._registration.tasks[t], f"dev_k{shots}_seed{seed}")
+           for t, seed in _at(self.pairs, indices)]
 
     def select(model, frozen, trainable, pairs: slice):
       scores = []
@@ -140,10 +142,12 @@ class T0Pairs:
     self.description = f"{len(datasets)} held-out dataset(s) x seeds {list(a.seeds)}, T-Few shots {shots}"
     self._eval_batches: dict[str, list[tuple[str, list[dict]]]] = {}
 
-  def train_streams(self) -> list[Iterator[dict]]:
+  def train_streams(self, indices: Sequence[int]) -> list[Iterator[dict]]:
+    """The training batch streams of pairs `indices`."""
     d = self._cfg.data
     return [data.choice_train_batches(self._mixtures[name], self._splits[name][seed], d.batch_size,
-                                      d.input_len, d.target_len, seed=seed) for name, seed in self.pairs]
+                                      d.input_len, d.target_len, seed=seed)
+            for name, seed in _at(self.pairs, indices)]
 
   def _batches(self, dataset: str) -> list[tuple[str, list[dict]]]:
     """(template subset, its rank-classification batches) for every template of `dataset`. Pairs come
@@ -180,6 +184,10 @@ class T0Pairs:
     table = metrics.t0_table(accuracy)
     markdown = metrics.markdown_table({**table["per_dataset"], "average": table["average"]})
     return table, markdown
+
+
+def _at(pairs: Sequence, indices: Sequence[int]) -> list:
+  return [pairs[i] for i in indices]
 
 
 def _eval_batch_size(cfg: ExperimentConfig) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.traverse_util
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax.core import meta
 
@@ -56,14 +57,27 @@ class RunCheckpointer:
     save_every: save when step % save_every == 0 (and whenever `save(force=True)`).
     keep: number of most recent checkpoints kept (None: all).
     async_save: let orbax write in a background thread after copying arrays to host.
+    process_local: this process alone saves and restores its own (process-local) arrays, with no
+      synchronisation with other processes (few-shot adaptation spreads independent pairs over
+      processes); by default every process takes part in each save of global arrays.
   """
 
-  def __init__(self, directory: str, save_every: int, keep: int | None, async_save: bool = True):
+  def __init__(self, directory: str, save_every: int, keep: int | None, async_save: bool = True,
+               process_local: bool = False):
     self.directory = os.path.abspath(directory)
+    extra = {}
+    if process_local and jax.process_count() > 1:
+      me = jax.process_index()
+      extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}")
+      os.makedirs(self.directory, exist_ok=True)  # orbax does not create it for a subset of processes
+      # orbax 0.12's asynchronous save for one active process can create the temporary step folder twice
+      # (FileExistsError): such saves are synchronous.
+      async_save = False
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=True,
+        save_interval_steps=save_every, max_to_keep=keep, create=not extra,
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)  # leftovers of a killed run's unfinished save
+        cleanup_tmp_directories=True, **extra)  # cleanup: leftovers of a killed run's unfinished save
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "progress"))
 
@@ -84,10 +98,12 @@ class RunCheckpointer:
 
     Args:
       abstract_state: the target tree (arrays or ShapeDtypeStructs with shardings, see
-        `abstract_like`); restored arrays get its shapes, dtypes and shardings.
+        `abstract_like`); restored arrays get its shapes, dtypes and shardings. NumPy leaves are
+        restored as NumPy arrays (a process-local state).
     """
+    target = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else abstract_like(x), abstract_state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(abstract_state)),
+        state=ocp.args.StandardRestore(target),
         progress=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["progress"])
 

@@ -1,6 +1,6 @@
-"""Two processes on localhost (jax.distributed, gloo CPU collectives, 2 devices each) against one process
-with the same 4-device mesh: the tiny config trains to the same per-step losses, and the evaluation drivers
-give the same scores and tokens."""
+"""Two processes on localhost (jax.distributed, gloo CPU collectives, 2 devices each) against one process:
+the tiny config trains to the same per-step losses (the same 4-device mesh), the evaluation drivers give the
+same scores and tokens, and few-shot adaptation spread over the processes gives the same per-pair results."""
 import json
 import os
 import socket
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mhr_jax import config as config_lib
 
@@ -56,9 +57,16 @@ def _two_processes(env, command_of_process):
   return errs
 
 
-def test_two_processes_match_one(env, tmp_path):
-  single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
-  single = _one_process(env, _command(single_dir))
+@pytest.fixture(scope="module")
+def single_run(env, tmp_path_factory):
+  """The tiny config trained in one process on 4 devices: (run dir, CompletedProcess)."""
+  single_dir = str(tmp_path_factory.mktemp("multihost") / "single")
+  return single_dir, _one_process(env, _command(single_dir))
+
+
+def test_two_processes_match_one(env, tmp_path, single_run):
+  single_dir, single = single_run
+  multi_dir = str(tmp_path / "multi")
   errs = _two_processes(env, lambda i, port: _command(
       multi_dir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"))
   for i, err in enumerate(errs):
@@ -86,3 +94,37 @@ def test_evaluation_drivers_across_processes(env, tmp_path):
   np.testing.assert_allclose(two["scores"], one["scores"], rtol=1e-6, atol=0)
   assert two["tokens"] == one["tokens"] and two["accuracy"] == one["accuracy"]
   assert len(set(map(tuple, one["tokens"]))) > 1  # the rows decode differently (routing by task id)
+
+
+def test_adaptation_pairs_spread_over_processes(env, tmp_path, single_run):
+  """Few-shot adaptation on two processes (2 devices each): every process adapts and evaluates every
+  second (task, seed) pair on its own devices, and process 0 writes the gathered results, equal to one
+  process with the same 2-device mesh per pair."""
+  pretrain_dir = single_run[0]
+  two_devices = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+  def adapt(model_dir, *extra):
+    return [sys.executable, "-m", "mhr_jax.train", "--gin_file=configs/adapt/tiny.gin",
+            f"--gin.PRETRAIN_DIR='{pretrain_dir}'", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2",
+            "--gin.AdaptConfig.seeds=(13, 42)", *extra]
+
+  single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
+  single = subprocess.run(adapt(single_dir), cwd=REPO, env=two_devices, capture_output=True, text=True,
+                          timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  errs = _two_processes(env, lambda i, port: adapt(
+      multi_dir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"))
+  assert "this process adapts pairs [0, 2]" in errs[0] and "this process adapts pairs [1, 3]" in errs[1]
+  with open(os.path.join(single_dir, "results.json")) as f, open(os.path.join(multi_dir, "results.json")) as g:
+    one, two = json.load(f), json.load(g)
+  assert two["processes"] == 2 and len(two["pairs"]) == 4
+  for a, b in zip(one["pairs"], two["pairs"]):
+    assert (a["task"], a["seed"]) == (b["task"], b["seed"])
+    np.testing.assert_allclose(b["final_loss"], a["final_loss"], rtol=1e-5)
+    assert (a["rougeL"], a["exact_match"]) == (b["rougeL"], b["exact_match"])
+  assert two["table"] == one["table"]
+  for i in range(4):
+    with open(os.path.join(single_dir, "pairs", f"{i:04d}.json")) as f, \
+         open(os.path.join(multi_dir, "pairs", f"{i:04d}.json")) as g:
+      assert json.load(f)["predictions"] == json.load(g)["predictions"]
+  assert sorted(os.listdir(os.path.join(multi_dir, "resume"))) == ["process_0", "process_1"]
