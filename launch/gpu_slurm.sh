@@ -39,50 +39,10 @@ flags:
 EOF
 }
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
-  die "bash >= 4.4 is required (this is ${BASH_VERSION})"
-fi
-
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-
-# A word quoted for a POSIX shell, only when it must be; double quotes where that avoids escapes.
-quote_word() {
-  local word=$1
-  if [[ -n "$word" && "$word" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then
-    printf '%s' "$word"
-  elif [[ "$word" != *\'* ]]; then
-    printf "'%s'" "$word"
-  elif [[ "$word" != *[\"\$\`\\!]* ]]; then
-    printf '"%s"' "$word"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-# Like quote_word, but `--flag=value` keeps the flag bare: `--gin.MODEL_DIR="'/a b'"`.
-quote_arg() {
-  local word=$1
-  if [[ ! "$word" =~ ^[A-Za-z0-9_./:=,+@%-]*$ && "$word" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    quote_word "${BASH_REMATCH[2]}"
-  else
-    quote_word "$word"
-  fi
-}
-
-join_args() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote_arg "$word")"
-  done
-  printf '%s' "$out"
-}
 
 # ---------------------------------------------------------------------------------------- flags
 

@@ -247,7 +247,8 @@ def _run_group(step_fn, select, model_cfg, frozen, state: dict, g: slice, keys, 
   """Trains the pairs of group g from `start_step` to `num_steps`; returns the updated state.
 
   The group's device trees are sliced out once; the NumPy logs (losses, scores, best_*) are written
-  in place. on_step(step, state) runs after every step with the whole state (for checkpoints).
+  in place. on_step(step, current) runs after every step; current() gives the whole state then (for
+  checkpoints).
   """
   whole = g == slice(0, len(keys))
   place_tree, place_batch = _placer(mesh)
@@ -320,8 +321,9 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
     dev_batches: optional list of pair batches (N, B, ...): with eval_every > 0 the parameters with
       the lowest dev loss are kept (the score is the negated loss).
     select: optional fn(model, frozen, trainable (n, ...), pairs: slice) -> (n,) dev scores of those
-      pairs (`model` is the adapted models.T5), higher is better (e.g. dev ROUGE-L); with eval_every > 0 it runs every eval_every steps and at
-      the end, and each pair keeps its best parameters. Give `select` or `dev_batches`, not both.
+      pairs (`model` is the adapted models.T5), higher is better (e.g. dev ROUGE-L); with eval_every > 0
+      it runs every eval_every steps and at the end, and each pair keeps its best parameters. Give
+      `select` or `dev_batches`, not both.
     sequential: run pairs one at a time (default: only for "full").
     mesh: optional; the frozen base is sharded by LOGICAL_RULES, pair states replicated, each
       pair's batch split over ('data', 'fsdp').

