@@ -475,7 +475,8 @@ def run(args: argparse.Namespace) -> int:
     raise AnalysisError(f"DataConfig.task={cfg.data.task!r}: the analysis compares the tasks of a "
                         f"mixture and needs at least 2 ({len(names)} found)")
   task_ids = [registration.task_ids[n] for n in names]
-  params = restore_params(os.path.join(run_dir, "checkpoints"), step)
+  # Per-layer (T, S, K) routing and per-layer gradients: the unscanned layout, whatever the run trained in.
+  params = models.layout.to_unscanned(None, restore_params(os.path.join(run_dir, "checkpoints"), step))
   layers = adapted_layers(params)
   log.info("%d training tasks; %d adapted layers; params: %s/checkpoints/%d", len(names), len(layers),
            run_dir, step)
@@ -525,7 +526,7 @@ def run(args: argparse.Namespace) -> int:
   log.info("gradients of %d %s parameters for %d tasks x %d batches x %d examples (%.1f MB on the host)",
            n_params, gradient_group(cfg), len(names), args.grad_batches, args.batch_size,
            4 * n_params * len(names) / 1e6)
-  grads = task_gradients(cfg.model, cfg.loss, params, leaves,
+  grads = task_gradients(cfg.model.replace(scan_layers=False), cfg.loss, params, leaves,
                          [task_batches_for(cfg, registration.tasks[n], args.grad_batches, args.batch_size)
                           for n in names])
   alignment = gradient_alignment(grads)

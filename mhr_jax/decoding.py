@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mhr_jax.adapters.layers import check_task_ids
+
 # Hugging Face's beam-search mask value; kept identical so that ties and comparisons behave the same.
 _MASK = -1.0e9
 
@@ -37,8 +39,9 @@ def _apply(model, params, *args, method, cache=None, **kwargs):
 def _init_cache(model, params, encoded, encoder_input_tokens, task_ids, max_len: int):
   """An empty KV cache for decoding `encoded.shape[0]` sequences of up to `max_len` tokens.
 
-  The structure comes from tracing the cache-building decode call (no compute); keys, values and the cache
-  indices start at zero. Boolean leaves are flags that mark the cache as built.
+  The structure comes from tracing the cache-building decode call (no compute); keys, values and the
+  decode-step indices start at zero. Every leaf but the () `cache_index` of each stack has the batch
+  on axis 0, in both parameter layouts (see models/t5.py).
   """
   dummy = jnp.zeros((encoded.shape[0], max_len), jnp.int32)
 
@@ -48,9 +51,7 @@ def _init_cache(model, params, encoded, encoder_input_tokens, task_ids, max_len:
                           mutable=["cache"])
     return variables["cache"]
 
-  return jax.tree.map(
-      lambda s: jnp.ones(s.shape, s.dtype) if s.dtype == jnp.bool_ else jnp.zeros(s.shape, s.dtype),
-      jax.eval_shape(build))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(build))
 
 
 def _decode_step(model, params, cache, encoded, encoder_input_tokens, tokens, task_ids, max_len):
@@ -61,15 +62,25 @@ def _decode_step(model, params, cache, encoded, encoder_input_tokens, tokens, ta
   return logits[:, 0].astype(jnp.float32), variables["cache"]
 
 
-def _check_inputs(encoder_input_tokens, max_decode_length, task_ids):
+def _check_task_ids(model, encoder_input_tokens, task_ids):
+  """Shape, and range when the ids are concrete: under jit a routing gather would clamp an id outside
+  [0, n_tasks) to the last row silently."""
+  if task_ids is None:
+    return
+  if jnp.shape(task_ids) != (encoder_input_tokens.shape[0],):
+    raise ValueError(f"task_ids: expected shape ({encoder_input_tokens.shape[0]},), got "
+                     f"{jnp.shape(task_ids)}")
+  if model.config.adapter.uses_task_ids:
+    check_task_ids(task_ids, model.config.adapter.n_tasks)
+
+
+def _check_inputs(model, encoder_input_tokens, max_decode_length, task_ids):
   if encoder_input_tokens.ndim != 2:
     raise ValueError(f"encoder_input_tokens: expected shape (batch, length), got "
                      f"{encoder_input_tokens.shape}")
   if int(max_decode_length) < 1:
     raise ValueError(f"max_decode_length={max_decode_length}: must be >= 1")
-  if task_ids is not None and jnp.shape(task_ids) != (encoder_input_tokens.shape[0],):
-    raise ValueError(f"task_ids: expected shape ({encoder_input_tokens.shape[0]},), got "
-                     f"{jnp.shape(task_ids)}")
+  _check_task_ids(model, encoder_input_tokens, task_ids)
 
 
 # ---------------------------------------------------------------------------------------------- greedy
@@ -113,7 +124,7 @@ def greedy_decode(model, params, encoder_input_tokens, max_decode_length: int, t
   Returns:
     (B, Lmax) int32 generated tokens (no start token); after EOS, padding 0.
   """
-  _check_inputs(encoder_input_tokens, max_decode_length, task_ids)
+  _check_inputs(model, encoder_input_tokens, max_decode_length, task_ids)
   return _greedy(model, params, encoder_input_tokens, task_ids,
                  max_decode_length=int(max_decode_length),
                  eos_id=int(model.config.eos_token_id if eos_id is None else eos_id))
@@ -227,7 +238,7 @@ def beam_search(model, params, encoder_input_tokens, max_decode_length: int, num
     tokens: (B, Lmax) int32, the best hypothesis of each example (no start token; after EOS, padding 0).
     scores: (B,) float32, its length-penalised score (HF `sequences_scores`).
   """
-  _check_inputs(encoder_input_tokens, max_decode_length, task_ids)
+  _check_inputs(model, encoder_input_tokens, max_decode_length, task_ids)
   if int(num_beams) < 1:
     raise ValueError(f"num_beams={num_beams}: must be >= 1")
   if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
@@ -295,7 +306,5 @@ def score_sequences(model, params, encoder_input_tokens, decoder_target_tokens, 
   if len(targets_shape) not in (2, 3) or targets_shape[0] != encoder_input_tokens.shape[0]:
     raise ValueError(f"decoder_target_tokens: expected shape ({encoder_input_tokens.shape[0]}, Lt) or "
                      f"({encoder_input_tokens.shape[0]}, C, Lt), got {targets_shape}")
-  if task_ids is not None and jnp.shape(task_ids) != (encoder_input_tokens.shape[0],):
-    raise ValueError(f"task_ids: expected shape ({encoder_input_tokens.shape[0]},), got "
-                     f"{jnp.shape(task_ids)}")
+  _check_task_ids(model, encoder_input_tokens, task_ids)
   return _score(model, params, encoder_input_tokens, decoder_target_tokens, task_ids)

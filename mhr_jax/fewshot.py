@@ -76,17 +76,18 @@ def starting_point(cfg: config_lib.ExperimentConfig, config_text: str) -> dict:
 
 
 def _start_params(cfg: config_lib.ExperimentConfig, start: dict) -> dict:
+  """The starting weights, in the layer layout of this run's model (T5Config.scan_layers)."""
   if start["step"] is not None:
     params = restore_params(os.path.join(start["dir"], "checkpoints"), start["step"])
     log.info("starting params: %s/checkpoints/%d (kind %s)", start["dir"], start["step"], start["kind"])
-    return params
-  from mhr_jax.checkpoints import hf_t5  # pylint: disable=g-import-not-at-top
-  try:
-    _, params = hf_t5.load_hf_t5(start["dir"])
-  except ValueError as e:
-    raise RunError(f"RunConfig.init_checkpoint={start['dir']!r}: {e}") from None
-  log.info("starting params: Hugging Face base %s", start["dir"])
-  return params
+  else:
+    from mhr_jax.checkpoints import hf_t5  # pylint: disable=g-import-not-at-top
+    try:
+      _, params = hf_t5.load_hf_t5(start["dir"])
+    except ValueError as e:
+      raise RunError(f"RunConfig.init_checkpoint={start['dir']!r}: {e}") from None
+    log.info("starting params: Hugging Face base %s", start["dir"])
+  return models.layout.to_layout(cfg.model, params)
 
 
 class _OrbaxResume:

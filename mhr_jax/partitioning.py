@@ -44,6 +44,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("adapter_rank", None),
     ("adapter_tasks", None),
     ("routing_tasks", None),
+    # The leading axis of scanned layer stacks (T5Config.scan_layers): every device holds every layer.
+    ("layers", None),
 )
 
 

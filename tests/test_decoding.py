@@ -278,3 +278,18 @@ def test_bad_arguments_raise(pair):
     decoding.greedy_decode(model, params, enc, 0)
   with pytest.raises(ValueError, match="decoder_target_tokens"):
     decoding.score_sequences(model, params, enc, jnp.ones((2, 4), int))
+
+
+def test_out_of_range_task_ids_are_refused(pair, mhr):
+  """An id >= n_tasks would take the last routing row silently under jit; every decoding entry point
+  refuses concrete ids outside [0, n_tasks)."""
+  model, params = mhr
+  enc = jnp.asarray(pair[3])
+  bad = jnp.full((enc.shape[0],), model.config.adapter.n_tasks, jnp.int32)
+  message = rf"task_ids must lie in \[0, adapter.n_tasks={model.config.adapter.n_tasks}\)"
+  with pytest.raises(ValueError, match=message):
+    decoding.greedy_decode(model, params, enc, MAX_LEN, task_ids=bad)
+  with pytest.raises(ValueError, match=message):
+    decoding.beam_search(model, params, enc, MAX_LEN, 2, task_ids=bad)
+  with pytest.raises(ValueError, match=message):
+    decoding.score_sequences(model, params, enc, jnp.ones((enc.shape[0], 4), jnp.int32), task_ids=bad - 7)

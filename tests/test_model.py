@@ -232,9 +232,11 @@ def test_xl_preset_matches_methods_dims_and_hf_param_count():
     return nn.unbox(jax.eval_shape(lambda: T5(cfg).init(
         jax.random.key(0), enc, dec, tgt, task_ids=task_ids, enable_dropout=False))["params"])
 
-  cfg = preset("xl", adapter=AdapterConfig(kind="lora", rank=1))
+  # The xl preset scans its layers; count per layer in the unscanned layout.
+  cfg = preset("xl", scan_layers=False, adapter=AdapterConfig(kind="lora", rank=1))
   assert (cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.num_decoder_layers) == (2048, 5120, 24, 24)
   params = abstract(cfg)
+  assert _count(abstract(cfg.replace(scan_layers=True))) == _count(params)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   is_adapter = lambda kp: kp[-1].key in ("lora_a", "lora_b")
   base = sum(int(np.prod(x.shape)) for kp, x in flat if not is_adapter(kp))

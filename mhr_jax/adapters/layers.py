@@ -149,14 +149,32 @@ def routed_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, w: jax.Array, sc
     and B_t = concat_h sum_k w[h,k] B[h,k] (r, d_out); the rank is not split across heads.
   """
   bsz, length, d_in = x.shape
-  n_splits = a.shape[0]
+  rank = a.shape[-1]
   w = w.astype(x.dtype)
-  a_t = jnp.einsum("bsk,skir->bsir", w, a)          # (B, S, d_in/S, r): per-example mixed A blocks
-  b_t = jnp.einsum("bsk,skro->bsro", w, b)          # (B, S, r, d_out/S)
-  xs = x.reshape(bsz, length, n_splits, d_in // n_splits)
-  h = jnp.einsum("blsi,bsir->blr", xs, a_t)         # stacking A blocks along d_in == summing heads
-  out = jnp.einsum("blr,bsro->blso", h, b_t)        # concatenating B blocks along d_out
-  return out.reshape(bsz, length, -1) * scale
+  # Stacking the S mixed A blocks along d_in is a reshape of (B, S, d_in/S, r); concatenating the
+  # B blocks along d_out needs the rank axis first. Both per-example factors are tiny (B r d).
+  a_t = jnp.einsum("bsk,skir->bsir", w, a).reshape(bsz, d_in, rank)
+  b_t = jnp.einsum("bsk,skro->brso", w, b).reshape(bsz, rank, -1)
+  # Pin the factors to the batch sharding: without it XLA's partitioner mis-shards the scanned
+  # per-example product on (data, fsdp, model) meshes with n_splits > 1 (wrong values).
+  a_t = nn.with_logical_constraint(a_t, ("activation_batch", None, None))
+  b_t = nn.with_logical_constraint(b_t, ("activation_batch", None, None))
+  return batched_lora(x, a_t, b_t, scale)
+
+
+def batched_lora(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """x A_b B_b * scale with one (A_b, B_b) per example.
+
+  Args:
+    x: (B, L, d_in).  a: (B, d_in, r).  b: (B, r, d_out).
+  Returns:
+    (B, L, d_out). The scale multiplies the rank-r intermediate, not the d_out-wide output. The
+    batched form (an explicit example axis on both factors, also for a shared LoRA) is what XLA's
+    CPU backend runs fastest: with a plain (x @ a) @ b it transposes the backward's (tokens, d_out)
+    gradients before the rank-1 products (measured: ~15% of a LoRA step at T5-base width).
+  """
+  h = jnp.einsum("bli,bir->blr", x, a) * scale
+  return jnp.einsum("blr,bro->blo", h, b)
 
 
 def apply_adapter(module: nn.Module, path: str, x: jax.Array, y: jax.Array, d_out: int,
@@ -188,7 +206,9 @@ def apply_adapter(module: nn.Module, path: str, x: jax.Array, y: jax.Array, d_ou
                                     ("adapter_in", "adapter_rank")), (d_in, cfg.rank), param_dtype)
     b = module.param("lora_b", part(nn.initializers.zeros, ("adapter_rank", "adapter_out")),
                      (cfg.rank, d_out), param_dtype)
-    return y + (x @ a.astype(dtype)) @ b.astype(dtype) * scale
+    bsz = x.shape[0]
+    return y + batched_lora(x, jnp.broadcast_to(a.astype(dtype), (bsz,) + a.shape),
+                            jnp.broadcast_to(b.astype(dtype), (bsz,) + b.shape), scale)
 
   if cfg.kind == "private_lora":
     a = module.param("lora_a", part(_uniform(lora_a_bound(cfg.init_a, d_in)),
@@ -198,8 +218,7 @@ def apply_adapter(module: nn.Module, path: str, x: jax.Array, y: jax.Array, d_ou
                                     ("adapter_tasks", "adapter_rank", "adapter_out")),
                      (cfg.n_tasks, cfg.rank, d_out), param_dtype)
     check_task_ids(task_ids, cfg.n_tasks)
-    h = jnp.einsum("bli,bir->blr", x, a.astype(dtype)[task_ids])
-    return y + jnp.einsum("blr,bro->blo", h, b.astype(dtype)[task_ids]) * scale
+    return y + batched_lora(x, a.astype(dtype)[task_ids], b.astype(dtype)[task_ids], scale)
 
   # poly / mhr: the routed inventory.
   check_divisible(cfg, path, d_in, d_out)

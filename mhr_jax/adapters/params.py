@@ -172,7 +172,9 @@ def routing_row_mask(params, rows: Sequence[int]) -> dict:
   for path, leaf in _paths(params).items():
     if path[-2:] != ("routing", "logits"):
       continue
-    n_tasks = leaf.shape[0]
+    # (T, S, K), or (L, T, S, K) in the scanned layout: the task axis is third from last, and a
+    # (T, 1, 1) mask broadcasts against both.
+    n_tasks = leaf.shape[-3]
     mask = np.zeros((n_tasks, 1, 1), np.float32)
     for t in rows:
       if not 0 <= int(t) < n_tasks:
@@ -232,8 +234,11 @@ def count_params(cfg_or_params, rules: Rules | str | None = None,
     counts[group] = counts.get(group, 0) + n
     if group != "frozen":
       counts["trainable"] += n
-  counts["adapted_layers"] = len({p[:-1] for p in flat
-                                  if p[-1] in ("lora_a", "lora_b", "ia3_scale")})
+  from mhr_jax.models import layout  # pylint: disable=g-import-not-at-top  (models imports this package)
+  # A scanned module (<stack>/layers/...) holds one adapted layer per entry of its leading axis.
+  counts["adapted_layers"] = sum(
+      {p[:-1]: leaf.shape[0] if layout.layer_axes(p) else 1 for p, leaf in flat.items()
+       if p[-1] in ("lora_a", "lora_b", "ia3_scale")}.values())
   return counts
 
 

@@ -14,6 +14,11 @@ modified. `cfg` may be a `models.T5Config` (the adapter settings are its `.adapt
 Zero-shot MHR-mu is `to_mu` applied to the multi-task pre-trained params; the resulting plain
 LoRA is trained a few more steps on the multi-task mixture (labels from `params.default_rules
 ("mhr-mu")`) and evaluated on unseen tasks without task ids.
+
+Both parameter layouts are accepted (`T5Config.scan_layers`, see `models.layout`), and the result
+keeps the layout it was given. In the scanned layout the leaves of `<stack>/layers/...` carry a
+leading layer axis, so every shape below may have leading axes; random draws are made per layer in
+the unscanned layer order, so a transform gives the same numbers in both layouts.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from mhr_jax.adapters.layers import ROUTING_INIT_BOUND, lora_a_bound, routing_we
 Path = tuple[str, ...]
 ADAPTER_LEAVES = ("lora_a", "lora_b", "ia3_scale")
 ROUTING = ("routing", "logits")
+_STACKS = ("encoder", "decoder")
+_LAYERS = "layers"   # models.t5.LAYERS (not imported: models imports this package)
 
 
 def _adapter_cfg(cfg) -> AdapterConfig:
@@ -58,6 +65,28 @@ def routing_paths(params) -> list[Path]:
   return sorted(p for p in _flat(params) if p[-2:] == ROUTING)
 
 
+def _layer_paths(path: Path, leaf) -> list[tuple[Path, int | None]]:
+  """(unscanned path, layer index) of each layer a leaf holds: one (path, None) for an unscanned
+  leaf; for a scanned leaf `<stack>/layers/<rest>` of leading size L, (<stack>/block_i/<rest>, i)."""
+  if len(path) > 2 and path[0] in _STACKS and path[1] == _LAYERS:
+    return [((path[0], f"block_{i}") + path[2:], i) for i in range(leaf.shape[0])]
+  return [(path, None)]
+
+
+def _draw_per_layer(flat, paths: list[Path], rng, draw) -> dict[Path, Any]:
+  """{path: draw(key, one layer's leaf)} with the layers of scanned leaves stacked.
+
+  Keys are split over the unscanned paths in sorted order, so both layouts draw the same numbers.
+  """
+  slots = sorted((upath, path, i) for path in paths for upath, i in _layer_paths(path, flat[path]))
+  draws: dict[Path, dict] = {}
+  for (_, path, i), key in zip(slots, jax.random.split(rng, len(slots))):
+    leaf = flat[path]
+    draws.setdefault(path, {})[i] = draw(key, leaf if i is None else leaf[i])
+  return {p: d[None] if None in d else jnp.stack([d[i] for i in range(len(d))])
+          for p, d in draws.items()}
+
+
 def _require(acfg: AdapterConfig, kinds: Sequence[str], what: str) -> None:
   if acfg.kind not in kinds:
     raise ValueError(f"{what}: adapter.kind={acfg.kind!r} is not supported "
@@ -79,19 +108,21 @@ def _routing_logits(flat, layer: Path, acfg: AdapterConfig):
 
 
 def _mix(a, b, w):
-  """One head-mixed LoRA from an inventory.
+  """One head-mixed LoRA from an inventory (leading axes, e.g. layers, pass through).
 
   Args:
-    a: (S, K, d_in/S, r).  b: (S, K, r, d_out/S).  w: (S, K) mixing weights.
+    a: (..., S, K, d_in/S, r).  b: (..., S, K, r, d_out/S).  w: (..., S, K) mixing weights.
   Returns:
-    A (d_in, r): the S mixed blocks stacked along the input dim; B (r, d_out): the mixed blocks
-    concatenated along the output dim (METHODS.md: the rank is not split).
+    A (..., d_in, r): the S mixed blocks stacked along the input dim; B (..., r, d_out): the mixed
+    blocks concatenated along the output dim (METHODS.md: the rank is not split).
   """
-  s, _, d_in_s, r = a.shape
+  s, _, d_in_s, r = a.shape[-4:]
   d_out_s = b.shape[-1]
+  lead = a.shape[:-4]
   a32, b32, w32 = (jnp.asarray(t, jnp.float32) for t in (a, b, w))
-  a_t = jnp.einsum("sk,skir->sir", w32, a32).reshape(s * d_in_s, r)
-  b_t = jnp.einsum("sk,skro->rso", w32, b32).reshape(r, s * d_out_s)
+  w32 = jnp.broadcast_to(w32, lead + w32.shape[-2:])
+  a_t = jnp.einsum("...sk,...skir->...sir", w32, a32).reshape(lead + (s * d_in_s, r))
+  b_t = jnp.einsum("...sk,...skro->...rso", w32, b32).reshape(lead + (r, s * d_out_s))
   return a_t.astype(a.dtype), b_t.astype(b.dtype)
 
 
@@ -123,20 +154,24 @@ def add_task_rows(cfg, params, n_new: int, rng: jax.Array):
     keys = routing_paths(params)
     if not keys:
       raise ValueError("add_task_rows: params have no routing logits")
-    for key, sub in zip(keys, jax.random.split(rng, len(keys))):
-      z = flat[key]
-      rows = jax.random.uniform(sub, (n_new,) + z.shape[1:], jnp.float32, -ROUTING_INIT_BOUND,
-                                ROUTING_INIT_BOUND)
-      flat[key] = jnp.concatenate([z, rows.astype(z.dtype)], axis=0)
+    draw = lambda key, z: jax.random.uniform(key, (n_new,) + z.shape[1:], jnp.float32,
+                                             -ROUTING_INIT_BOUND, ROUTING_INIT_BOUND)
+    for key, rows in _draw_per_layer(flat, keys, rng, draw).items():
+      z = flat[key]                                            # (..., T, S, K)
+      flat[key] = jnp.concatenate([z, rows.astype(z.dtype)], axis=-3)
   else:
     layers = adapted_layers(params)
-    for layer, sub in zip(layers, jax.random.split(rng, len(layers))):
-      a, b = flat[layer + ("lora_a",)], flat[layer + ("lora_b",)]
+    a_paths = [layer + ("lora_a",) for layer in layers]
+
+    def draw(key, a):                                          # a: (T, d_in, r)
       bound = lora_a_bound(acfg.init_a, a.shape[1])
-      new_a = jax.random.uniform(sub, (n_new,) + a.shape[1:], jnp.float32, -bound, bound)
-      flat[layer + ("lora_a",)] = jnp.concatenate([a, new_a.astype(a.dtype)], axis=0)
-      flat[layer + ("lora_b",)] = jnp.concatenate(
-          [b, jnp.zeros((n_new,) + b.shape[1:], b.dtype)], axis=0)
+      return jax.random.uniform(key, (n_new,) + a.shape[1:], jnp.float32, -bound, bound)
+
+    for path, new_a in _draw_per_layer(flat, a_paths, rng, draw).items():
+      a, b = flat[path], flat[path[:-1] + ("lora_b",)]         # (..., T, d_in, r), (..., T, r, d_out)
+      flat[path] = jnp.concatenate([a, new_a.astype(a.dtype)], axis=-3)
+      zeros = jnp.zeros(b.shape[:-3] + (n_new,) + b.shape[-2:], b.dtype)
+      flat[path[:-1] + ("lora_b",)] = jnp.concatenate([b, zeros], axis=-3)
   return _with_adapter(cfg, acfg.replace(n_tasks=acfg.n_tasks + n_new)), _unflat(flat)
 
 
@@ -160,7 +195,7 @@ def select_task_rows(cfg, params, task_ids: Sequence[int]):
   else:
     keys = [layer + (leaf,) for layer in adapted_layers(params) for leaf in ("lora_a", "lora_b")]
   for key in keys:
-    flat[key] = flat[key][idx]
+    flat[key] = flat[key][..., idx, :, :]        # the task axis is third from last in every leaf
   return _with_adapter(cfg, acfg.replace(n_tasks=len(ids))), _unflat(flat)
 
 
@@ -180,7 +215,7 @@ def to_mu(cfg, params):
   flat = _drop_routing(_flat(params))
   for layer in adapted_layers(params):
     a, b = flat[layer + ("lora_a",)], flat[layer + ("lora_b",)]
-    uniform = jnp.full(a.shape[:2], 1.0 / a.shape[1], jnp.float32)
+    uniform = jnp.full(a.shape[-4:-2], 1.0 / a.shape[-3], jnp.float32)
     flat[layer + ("lora_a",)], flat[layer + ("lora_b",)] = _mix(a, b, uniform)
   return _with_adapter(cfg, _lora_cfg(acfg)), _unflat(flat)
 
@@ -205,10 +240,14 @@ def extract_task_lora(cfg, params, task_id: int, anneal: float | None = None):
   for layer in adapted_layers(params):
     a, b = flat[layer + ("lora_a",)], flat[layer + ("lora_b",)]
     if acfg.routed:
-      w = routing_weights(_routing_logits(full, layer, acfg), tid, acfg, False, None, anneal)[0]
-      flat[layer + ("lora_a",)], flat[layer + ("lora_b",)] = _mix(a, b, w)
+      weights = lambda z: routing_weights(z, tid, acfg, False, None, anneal)[0]   # (T, S, K) -> (S, K)
+      logits = _routing_logits(full, layer, acfg)
+      for _ in range(logits.ndim - 3):                          # scanned layers: one table each
+        weights = jax.vmap(weights)
+      flat[layer + ("lora_a",)], flat[layer + ("lora_b",)] = _mix(a, b, weights(logits))
     else:
-      flat[layer + ("lora_a",)], flat[layer + ("lora_b",)] = a[int(task_id)], b[int(task_id)]
+      t = int(task_id)
+      flat[layer + ("lora_a",)], flat[layer + ("lora_b",)] = a[..., t, :, :], b[..., t, :, :]
   return _with_adapter(cfg, _lora_cfg(acfg)), _unflat(flat)
 
 
@@ -237,7 +276,7 @@ def merge_into_base(cfg, params, task_id: int | None = None):
     kernel = flat[layer + ("kernel",)]
     w = jnp.asarray(kernel, jnp.float32)
     if acfg.kind == "ia3":
-      w = w * jnp.asarray(flat.pop(layer + ("ia3_scale",)), jnp.float32)[None, :]
+      w = w * jnp.asarray(flat.pop(layer + ("ia3_scale",)), jnp.float32)[..., None, :]
     else:
       a = jnp.asarray(flat.pop(layer + ("lora_a",)), jnp.float32)
       b = jnp.asarray(flat.pop(layer + ("lora_b",)), jnp.float32)

@@ -8,6 +8,10 @@ Tying: our `tie_word_embeddings=True` means logits = (x * d_model**-0.5) @ share
 False means a separate `logits_dense` kernel and no scaling (T5 v1.1). transformers 5.x writes the
 scaling choice as `scale_decoder_outputs` (and always `tie_word_embeddings: true`), storing
 `lm_head.weight` only when it differs from `shared.weight`; both spellings are read.
+
+Layouts: HF names every layer, so the name mapping is written for the unscanned tree
+(`encoder/block_{i}/...`); loading converts to the layout the config asks for
+(`T5Config.scan_layers`), saving and merging accept either (`models.layout`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 from flax.core import meta
 
 from mhr_jax.checkpoints import atomic
+from mhr_jax.models import layout
 from mhr_jax.models.config import T5Config
 
 CONFIG_FILE = "config.json"
@@ -195,8 +200,9 @@ def hf_to_params(tensors: dict, cfg: T5Config, source: str = SAFETENSORS_FILE) -
 
 
 def params_to_hf(cfg: T5Config, params: dict) -> dict[str, np.ndarray]:
-  """HF tensors {key: float32 (HF shape) array} from our unboxed params; extra leaves are an error."""
-  params = nn.unbox(params)
+  """HF tensors {key: float32 (HF shape) array} from our params (either layout, boxed or not);
+  extra leaves are an error."""
+  params = layout.to_unscanned(cfg, nn.unbox(params))
   expected = {path for _, path, _, _ in weight_map(cfg)}
   if not cfg.tie_word_embeddings:
     expected.add(("logits_dense", "kernel"))
@@ -289,12 +295,17 @@ def _read_tensors(path: str) -> tuple[dict, str]:
                           f"{', '.join(n for n, _ in candidates)})")
 
 
-def load_hf_t5(path) -> tuple[T5Config, dict]:
+def load_hf_t5(path, **overrides) -> tuple[T5Config, dict]:
   """Reads a Hugging Face T5 directory.
 
+  Args:
+    path: the directory (config.json + weights).
+    **overrides: T5Config fields that config.json does not set, e.g. scan_layers=True,
+      remat_policy="save_dots", dtype="bfloat16".
   Returns:
     (cfg, params): `cfg` a T5Config with adapter kind "none"; `params` the unboxed params dict
-    (float32 numpy arrays) for `models.T5(cfg).apply({"params": params}, ...)`.
+    (float32 numpy arrays) for `models.T5(cfg).apply({"params": params}, ...)`, in the layout
+    `cfg.scan_layers` asks for (unscanned by default).
   """
   path = os.fspath(path)
   config_path = os.path.join(path, CONFIG_FILE)
@@ -303,12 +314,18 @@ def load_hf_t5(path) -> tuple[T5Config, dict]:
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path}: missing (not a Hugging Face model directory)")
   cfg = config_from_hf(read_json(config_path), config_path)
+  if overrides:
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(T5Config)})
+    if unknown:
+      raise ValueError(f"load_hf_t5: unknown T5Config field(s) {unknown}")
+    cfg = cfg.replace(**overrides)
   tensors, source = _read_tensors(path)
-  return cfg, hf_to_params(tensors, cfg, source)
+  return cfg, layout.to_layout(cfg, hf_to_params(tensors, cfg, source))
 
 
 def save_hf_t5(path, cfg: T5Config, params: dict) -> None:
-  """Writes `params` (unboxed base params of `models.T5(cfg)`) as an HF T5 directory, atomically.
+  """Writes `params` (base params of `models.T5(cfg)`, either layout) as an HF T5 directory,
+  atomically.
 
   The directory (config.json + float32 model.safetensors) appears complete or not at all; an
   existing directory at `path` is replaced.
@@ -349,14 +366,21 @@ def merge_base_params(model_params: dict, base_params: dict) -> tuple[dict, Merg
   Args:
     model_params: the model's params, e.g. from `init` (boxed or unboxed leaves, or
       jax.ShapeDtypeStruct from `eval_shape`); leaves the base lacks (adapters, routing) are kept.
-    base_params: unboxed base params, e.g. from `load_hf_t5`.
+    base_params: unboxed base params, e.g. from `load_hf_t5`; either layout: they are converted
+      to model_params' layout (`models.layout`) first.
   Returns:
     (params, report): `params` has model_params' structure (and boxing); restored leaves take the
     model leaf's dtype. Raises ValueError naming the key and both shapes on a shape mismatch.
   """
   is_box = lambda x: isinstance(x, meta.AxisMetadata)
-  model_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(model_params))
-  base_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.unbox(base_params)))
+  model_params = flax.core.unfreeze(model_params)
+  base_params = nn.unbox(flax.core.unfreeze(base_params))
+  if layout.is_scanned(model_params):
+    base_params = layout.to_scanned(None, base_params)
+  elif layout.is_scanned(model_params) is False:
+    base_params = layout.to_unscanned(None, base_params)
+  model_flat = flax.traverse_util.flatten_dict(model_params)
+  base_flat = flax.traverse_util.flatten_dict(base_params)
   out = {}
   for key, leaf in model_flat.items():
     if key not in base_flat:

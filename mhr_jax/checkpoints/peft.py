@@ -16,6 +16,9 @@ with <module> = "base_model.model." + the transformers module name, e.g.
 "encoder.block.0.layer.0.SelfAttention.q" (ours: "encoder/block_0/self_attention/q"). PEFT passes
 task ids as `PeftModel(..., task_ids=...)`; its router samples a relaxed Bernoulli in train mode,
 so outputs agree in eval mode (ours: enable_dropout=False).
+
+PEFT names every layer, so both directions work on the unscanned layout; `export_peft` accepts
+either layout and `import_peft` returns the layout its T5Config overrides ask for (`models.layout`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from flax import traverse_util
 from mhr_jax.adapters.config import AdapterConfig
 from mhr_jax.adapters.transforms import adapted_layers
 from mhr_jax.checkpoints import atomic, hf_t5
+from mhr_jax.models import layout
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -82,7 +86,7 @@ def export_peft(path, cfg, params, adapter_cfg: AdapterConfig | None = None,
   Args:
     path: output directory; replaced atomically if it exists.
     cfg: the model's `T5Config`.
-    params: unboxed params of `models.T5(cfg)` (base weights are not written).
+    params: unboxed params of `models.T5(cfg)`, either layout (base weights are not written).
     adapter_cfg: the adapter settings; default `cfg.adapter`. Kinds poly / mhr export as a PEFT
       POLY model, lora as LORA, ia3 as IA3 (output scales). For private LoRA, export one task
       with `transforms.extract_task_lora` first.
@@ -94,6 +98,7 @@ def export_peft(path, cfg, params, adapter_cfg: AdapterConfig | None = None,
     raise ValueError(f"export_peft: adapter.kind={acfg.kind!r} has no PEFT equivalent (supported: "
                      f"{sorted(_PEFT_TYPES)}; private_lora: export transforms.extract_task_lora)")
   peft_type = _PEFT_TYPES[acfg.kind]
+  params = layout.to_unscanned(cfg, params)
   flat = traverse_util.flatten_dict(dict(params))
   modules = linear_modules(cfg)
   layers = adapted_layers(params)
@@ -214,8 +219,11 @@ def _expected_leaves(peft_type: str, parts: dict, acfg: AdapterConfig, d_in: int
   return {("ia3_scale",): (parts["ia3_l"], (d_out, 1), lambda v: v[:, 0])}
 
 
-def import_peft(peft_dir, base_dir) -> tuple:
+def import_peft(peft_dir, base_dir, **overrides) -> tuple:
   """Reads a PEFT POLY / LORA / IA3 adapter for the HF T5 in `base_dir`.
+
+  `overrides` are T5Config fields as in `hf_t5.load_hf_t5`, e.g. scan_layers=True (the params
+  then come in the scanned layout; the adapter must then adapt every layer of a stack alike).
 
   Returns:
     (cfg, params): `cfg` the base T5Config with the adapter settings (kind poly for n_splits = 1,
@@ -234,6 +242,11 @@ def import_peft(peft_dir, base_dir) -> tuple:
     raise ValueError(f"{config_path}: modules_to_save={config['modules_to_save']!r} is unsupported")
   acfg = _adapter_config(config, config_path)
   peft_type = config["peft_type"]
+  # The adapter settings come from adapter_config.json, so they cannot be overridden.
+  allowed = set(hf_t5.T5Config.__dataclass_fields__) - {"adapter"}
+  unknown = sorted(set(overrides) - allowed)
+  if unknown:
+    raise ValueError(f"import_peft: unknown or disallowed T5Config override(s) {unknown}")
   cfg, params = hf_t5.load_hf_t5(base_dir)
   tensors, source = _read_adapter_tensors(peft_dir)
   modules = linear_modules(cfg)
@@ -272,4 +285,5 @@ def import_peft(peft_dir, base_dir) -> tuple:
         raise ValueError(f"{source}: {modules[layer]} {leaf[-1]} has shape {value.shape}, "
                          f"expected {shape} from {CONFIG_FILE}")
       flat[layer + leaf] = np.ascontiguousarray(convert(value), np.float32)
-  return cfg.replace(adapter=acfg), traverse_util.unflatten_dict(flat)
+  cfg = cfg.replace(adapter=acfg, **overrides)
+  return cfg, layout.to_layout(cfg, traverse_util.unflatten_dict(flat))

@@ -14,6 +14,18 @@ Parameter tree (linear layers use Hugging Face's short names, so adapter regexes
   decoder/...  (+ cross_attention, pre_cross_attention_norm)
   logits_dense/kernel                             (d_model, vocab); untied embeddings only
   routing/logits                                  (shared routing only)
+
+With `scan_layers=True` each stack's blocks are one `nn.scan`: `encoder/block_{i}/<rest>` becomes
+`encoder/layers/<rest>` with a leading layer axis (logical name "layers") on every leaf, e.g.
+`encoder/layers/mlp/wi_0/kernel` (L, d_model, d_ff); `models.layout` converts between the trees.
+Adapter targets are still matched against the unscanned paths (`encoder/block_3/...`), so one
+`target_modules` regex means the same layers in both layouts.
+
+Decoding cache (collection "cache"): `decoder/cache_index` () int32, the decode step (one for the
+stack); per self-attention layer `cached_key`, `cached_value` (B, Lmax, heads, d_kv), or
+(B, L, Lmax, heads, d_kv) when scanned (the layer axis is second, so every cache leaf but the
+index has the batch first: T5X's beam search expands all cache leaves except `cache_index` along
+axis 0).
 """
 from __future__ import annotations
 
@@ -23,11 +35,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from mhr_jax.adapters.layers import AdapterContext, Routing, apply_adapter
 from mhr_jax.models.config import T5Config
 
 NEG_INF = -1e10  # additive mask value (T5X); finite so fully masked padding rows stay finite
+LAYERS = "layers"  # module name of a scanned stack's blocks: encoder/layers/..., decoder/layers/...
+KERNEL_OUT = "kernel_out"  # checkpoint name of x @ kernel in every linear layer
 
 
 def _dtype(name: str):
@@ -67,12 +82,35 @@ class Linear(nn.Module):
         "kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes),
         (x.shape[-1], self.features), _dtype(cfg.param_dtype))
     x = x.astype(dtype)
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(dtype))
+    # Named so that remat_policy="save_dots" keeps exactly these products (see _remat_policy).
+    y = checkpoint_name(jnp.einsum("...i,io->...o", x, kernel.astype(dtype)), KERNEL_OUT)
     path = "/".join(self.path)
-    if cfg.adapter.targets(path):
+    if adapter_targets(cfg, self.path):
       y = apply_adapter(self, path, x, y, self.features, cfg.adapter, ctx, dtype,
                         _dtype(cfg.param_dtype))
     return y
+
+
+def adapter_targets(cfg: T5Config, path: tuple[str, ...]) -> bool:
+  """Whether the linear layer at module `path` carries an adapter (`cfg.adapter.targets`).
+
+  In a scanned stack (path `<stack>/layers/...`) the regex is matched against every layer's
+  unscanned path (`<stack>/block_{i}/...`); one scanned module serves all layers, so they must
+  agree, and a ValueError names the keys otherwise.
+  """
+  acfg = cfg.adapter
+  if acfg.kind == "none":
+    return False
+  if not (cfg.scan_layers and len(path) > 2 and path[1] == LAYERS):
+    return acfg.targets("/".join(path))
+  n_layers = cfg.num_layers if path[0] == "encoder" else cfg.num_decoder_layers
+  rest = "/".join(path[2:])
+  chosen = {acfg.targets(f"{path[0]}/block_{i}/{rest}") for i in range(n_layers)}
+  if len(chosen) > 1:
+    raise ValueError(f"adapter.target_modules={acfg.target_modules!r} adapts {path[0]}/*/{rest} in "
+                     "some layers only; with scan_layers=True every layer of a stack is adapted "
+                     "alike (set scan_layers=False)")
+  return chosen.pop()
 
 
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int,
@@ -111,7 +149,7 @@ class RelativePositionBias(nn.Module):
     rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
     buckets = relative_position_bucket(rel, self.bidirectional, cfg.relative_attention_num_buckets,
                                        cfg.relative_attention_max_distance)
-    bias = table.astype(jnp.float32)[buckets]             # (q, k, heads)
+    bias = jnp.asarray(table, jnp.float32)[buckets]       # (q, k, heads)
     return jnp.transpose(bias, (2, 0, 1))[None]
 
 
@@ -121,11 +159,14 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_kv: jax.Array, bias: jax.Array, ctx: AdapterContext,
-               enable_dropout: bool, decode: bool = False) -> jax.Array:
+               enable_dropout: bool, decode: bool = False, decode_index=None) -> jax.Array:
     """x_q: (B, Lq, d); x_kv: (B, Lk, d); bias: additive, broadcastable to (B, H, Lq, Lk).
 
-    In decode mode (self-attention, one new token) `bias` is the full (1, H, Lmax, Lmax) relative
-    position bias; the row of the current cache index is used and future keys are masked.
+    decode=True (self-attention only) keeps keys and values in the "cache" collection. With
+    `decode_index` None the call builds the cache: a full causal forward over (B, Lmax) that
+    leaves zeros in it. With a () int32 `decode_index` i it is one step: the new token's key and
+    value go to cache row i, and `bias` is the full (1, H, Lmax, Lmax) relative position bias,
+    whose row i is used with the keys after i masked.
     """
     cfg = self.config
     dtype = _dtype(cfg.dtype)
@@ -139,17 +180,15 @@ class Attention(nn.Module):
     q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
 
     if decode:
-      initialized = self.has_variable("cache", "cached_key")
       cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
       cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-      index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if initialized:
+      if decode_index is not None:
         if q.shape[1] != 1:
           raise ValueError(f"decode step expects one new token, got length {q.shape[1]}")
-        i = index.value
+        i = decode_index
         k = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
         v = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
-        cached_k.value, cached_v.value, index.value = k, v, i + 1
+        cached_k.value, cached_v.value = k, v
         max_len = k.shape[1]
         row = lax.dynamic_slice_in_dim(bias, i, 1, axis=2)                  # (1, H, 1, Lmax)
         bias = row + jnp.where(jnp.arange(max_len) <= i, 0.0, NEG_INF)[None, None, None, :]
@@ -180,23 +219,61 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm transformer block; `cross` adds encoder-decoder attention (decoder blocks)."""
+  """One pre-norm transformer block; `cross` adds encoder-decoder attention (decoder blocks).
+
+  Python-valued settings are attributes and every call argument is an array or None, so the block
+  can go through `nn.remat` and `nn.scan` unchanged. `scan_output` makes it return (x, None), the
+  (carry, output) pair nn.scan expects.
+  """
   config: T5Config
   cross: bool
+  enable_dropout: bool = False
+  decode: bool = False
+  scan_output: bool = False
 
   @nn.compact
-  def __call__(self, x, self_bias, ctx, enable_dropout, encoded=None, cross_bias=None,
-               decode=False):
+  def __call__(self, x, self_bias, task_ids=None, shared_weights=None, anneal=None, encoded=None,
+               cross_bias=None, decode_index=None):
+    """x: (B, L, d_model); biases as Attention; task_ids (B,), shared_weights (B, S, K) and
+    anneal () as AdapterContext; decode_index: () int32 decode step, or None."""
     cfg = self.config
-    drop = lambda t: nn.Dropout(cfg.dropout_rate)(t, deterministic=not enable_dropout)
+    train = self.enable_dropout
+    ctx = AdapterContext(task_ids, train, shared_weights, anneal)
+    drop = lambda t: nn.Dropout(cfg.dropout_rate)(t, deterministic=not train)
     y = RMSNorm(cfg, name="pre_self_attention_norm")(x)
-    x = x + drop(Attention(cfg, name="self_attention")(y, y, self_bias, ctx, enable_dropout, decode))
+    x = x + drop(Attention(cfg, name="self_attention")(y, y, self_bias, ctx, train, self.decode,
+                                                        decode_index))
     if self.cross:
       y = RMSNorm(cfg, name="pre_cross_attention_norm")(x)
-      x = x + drop(Attention(cfg, name="cross_attention")(y, encoded, cross_bias, ctx, enable_dropout))
+      x = x + drop(Attention(cfg, name="cross_attention")(y, encoded, cross_bias, ctx, train))
     y = RMSNorm(cfg, name="pre_mlp_norm")(x)
-    x = x + drop(MLP(cfg, name="mlp")(y, ctx, enable_dropout))
-    return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = x + drop(MLP(cfg, name="mlp")(y, ctx, train))
+    x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    return (x, None) if self.scan_output else x
+
+
+def _remat_policy(name: str):
+  """jax.checkpoint policy of T5Config.remat_policy ("full": save nothing but the block input).
+
+  "save_dots" keeps the products x @ kernel of the linear layers, the FLOP-heavy part of a block.
+  Everything else is recomputed: attention scores and softmax (at length 512 and 32 heads their
+  probabilities would take more memory than all the kept products), norms, GELU, and the adapter
+  deltas (rank r, cheap; JAX's generic dots_with_no_batch_dims_saveable would also keep each
+  LoRA's (B, L, d_out) delta, which nearly doubles the memory of a LoRA step at T5-XL width).
+  """
+  if name == "save_dots":
+    return jax.checkpoint_policies.save_only_these_names(KERNEL_OUT)
+  return None
+
+
+def block_class(cfg: T5Config, decode: bool):
+  """Block, wrapped in nn.remat as cfg.remat_policy asks (not when decoding: nothing is
+  differentiated there). Remat keeps module names, so the parameter tree does not change."""
+  if cfg.remat_policy == "none" or decode:
+    return Block
+  # Inside a scan the loop boundary already stops XLA from merging the recomputation with the
+  # forward pass, so CSE prevention (extra barriers) is needed only for unrolled layers.
+  return nn.remat(Block, policy=_remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
 
 
 class Stack(nn.Module):
@@ -209,11 +286,17 @@ class Stack(nn.Module):
                decode=False, max_decode_length=None):
     cfg = self.config
     relpos = RelativePositionBias(cfg, bidirectional=not self.cross, name="relpos_bias")
-    # A decode call that finds the cache already built is a single step (the first call builds it).
-    decoding_step = decode and self.has_variable("cache", "built")
+    decode_index = None
     if decode:
-      self.variable("cache", "built", lambda: jnp.array(True))
-    if decoding_step:
+      # The first decode call builds the cache; once the cache exists, a call is a single step.
+      # Deciding by the cache's existence (not a stored flag) keeps every cache leaf except the
+      # index batch-major, which T5X's beam search requires.
+      stepping = self.has_variable("cache", "cache_index")
+      index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if stepping:
+        decode_index = index.value
+        index.value = decode_index + 1
+    if decode_index is not None:
       if max_decode_length is None:
         raise ValueError("decode steps need max_decode_length (the KV cache length)")
       self_bias = relpos(max_decode_length, max_decode_length)   # rows picked per cache index
@@ -221,9 +304,21 @@ class Stack(nn.Module):
       self_bias = relpos(x.shape[1], x.shape[1]) + self_mask_bias
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
     n_layers = cfg.num_decoder_layers if self.cross else cfg.num_layers
-    for i in range(n_layers):
-      x = Block(cfg, self.cross, name=f"block_{i}")(x, self_bias, ctx, enable_dropout, encoded,
-                                                     cross_bias, decode)
+    settings = dict(config=cfg, cross=self.cross, enable_dropout=enable_dropout, decode=decode)
+    args = (self_bias, ctx.task_ids, ctx.shared_weights, ctx.anneal, encoded, cross_bias,
+            decode_index)
+    block = block_class(cfg, decode)
+    if cfg.scan_layers:
+      # Parameters stack on axis 0 (logical name "layers"); cache leaves on axis 1, after the
+      # batch (see the module docstring). Each layer draws its own dropout / routing noise.
+      scanned = nn.scan(block, variable_axes={"params": 0, "cache": 1},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast,) * len(args), length=n_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(**settings, scan_output=True, name=LAYERS)(x, *args)
+    else:
+      for i in range(n_layers):
+        x = block(**settings, name=f"block_{i}")(x, *args)
     x = RMSNorm(cfg, name="final_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
 
