@@ -1,0 +1,416 @@
+"""Checkpoints across trainers: T5X checkpoints <-> the project's run checkpoints, and the initial
+checkpoints T5X fine-tuning starts from.
+
+Both trainers hold the same parameter tree (`models.T5`) and the same optimizer recipe
+(`t5x_bridge.optim.MhrOptimizer` has `optim.make_optimizer`'s chain), so a conversion moves the step,
+the parameters and the optimizer state leaf for leaf; a run trained in one trainer is evaluated or
+continued in the other with the same logits:
+  T5X:  MODEL_DIR/checkpoint_<step>/state  (orbax, as `t5x.train` writes; legacy msgpack is read too)
+        {target: params, state: {step, param_states: the optax state over all parameters}}
+  run:  RUN_DIR/checkpoints/<step>/{state, progress}  (mhr_jax.run_checkpoints)
+        state {step, trainable, frozen, opt_state: the optax state over the trainable part}
+The optimizer state of the frozen group is empty in both, so the leaves correspond by their paths.
+The data position is not portable (the trainers read SeqIO differently): a converted run checkpoint
+records `batches_consumed = step` and so continues with the project's data order from there.
+
+Fine-tuning in T5X starts from `initial_checkpoint(model, out_dir, ...)`, usually from gin
+(`INITIAL_CHECKPOINT_PATH = @bridge_checkpoints.initial_checkpoint()`): the model's parameters built
+from a pre-trained T5X checkpoint (or run directory) or from Hugging Face weights, with a fresh
+optimizer state at step 0:
+  routed model with more tasks than the checkpoint   fresh routing rows for the new tasks (MHR, MHR-z)
+  plain LoRA model from a routed checkpoint          skills averaged per head (MHR-mu / Poly-mu)
+  same kind                                          as is (e.g. LoRA from LoRA)
+  Hugging Face base weights                          fresh adapters on the given base
+
+Command line (the model comes from the gin files of the T5X run):
+  python -m mhr_jax.t5x_bridge.checkpoints --to=run --gin_file=configs/mhr.gin \
+    --t5x_checkpoint=/tmp/mhr_t5x/checkpoint_20 --run_dir=/tmp/mhr_run
+  python -m mhr_jax.t5x_bridge.checkpoints --to=t5x --gin_file=configs/mhr.gin \
+    --run_dir=/tmp/mhr_run --t5x_dir=/tmp/mhr_t5x_again
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import flax.core
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+from t5x import checkpoints as t5x_checkpoints
+from t5x import partitioning as t5x_partitioning
+from t5x import train_state as t5x_train_state
+from t5x import utils as t5x_utils
+
+from mhr_jax import models, optim, partitioning, run_checkpoints, train_step
+from mhr_jax.adapters import params as param_groups
+from mhr_jax.adapters import transforms
+from mhr_jax.checkpoints import hf_t5
+from mhr_jax.t5x_bridge import partitioning as bridge_partitioning
+from mhr_jax.t5x_bridge.optim import MhrOptimizer, _path_names
+
+_STEP_DIR = re.compile(r"checkpoint_(\d+)$")
+_DUMMY_SHAPES = {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}
+
+
+# ----------------------------------------------------------------------------- T5X side
+
+class HostPartitioner(t5x_partitioning.PjitPartitioner):
+  """T5X's partitioner on a single CPU device, for converting checkpoints in host memory.
+
+  T5X's default CPU mesh puts every local device on the 'model' axis, which a small model's dims
+  need not divide; a conversion computes nothing, so one device is enough and portable.
+  """
+
+  def __init__(self):
+    super().__init__(num_partitions=1, logical_axis_rules=bridge_partitioning.logical_axis_rules())
+
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1), ("data", "model"))
+
+
+def default_partitioner() -> t5x_partitioning.PjitPartitioner:
+  return HostPartitioner()
+
+
+def checkpoint_dir(path: str, step: int | None = None) -> str:
+  """`path` itself when it is a checkpoint_<step> directory, else MODEL_DIR/checkpoint_<step>
+  (the latest step by default)."""
+  path = os.path.abspath(path)
+  if _STEP_DIR.search(os.path.basename(path)):
+    return path
+  if step is None:
+    step = t5x_checkpoints.latest_step(path)
+    if step is None:
+      raise ValueError(f"{path}: no T5X checkpoint_<step> directory")
+  found = t5x_checkpoints.get_checkpoint_dir(path, step)
+  if not os.path.isdir(found):
+    raise ValueError(f"{found}: no such T5X checkpoint")
+  return found
+
+
+def _model_optimizer(model) -> MhrOptimizer:
+  if not isinstance(model.optimizer_def, MhrOptimizer):
+    raise TypeError("converting optimizer states needs t5x_bridge.optim.MhrOptimizer as the model's "
+                    f"optimizer_def, got {type(model.optimizer_def).__name__}")
+  return model.optimizer_def
+
+
+def abstract_train_state(model, partitioner=None):
+  """T5X's global train state of `model` as ShapeDtypeStructs (the restore target)."""
+  initializer = t5x_utils.TrainStateInitializer(
+      optimizer_def=model.optimizer_def, init_fn=model.get_initial_variables,
+      input_shapes=_DUMMY_SHAPES, partitioner=partitioner or default_partitioner())
+  return initializer.global_train_state_shape
+
+
+def abstract_variables(model) -> dict:
+  """`model.get_initial_variables` as ShapeDtypeStructs: {'params': ..., 'params_axes': ...}."""
+  return jax.eval_shape(lambda key: model.get_initial_variables(key, _DUMMY_SHAPES), jax.random.key(0))
+
+
+def train_state_from_params(model, params, step: int = 0, param_states=None):
+  """A T5X FlaxOptimTrainState holding `params` (unboxed nested dict) at `step`.
+
+  The optimizer state is freshly initialised, or `param_states` (same structure) when given.
+  """
+  axes = abstract_variables(model)["params_axes"]
+  variables = flax.core.freeze({"params": jax.tree.map(jnp.asarray, flax.core.unfreeze(params)),
+                                "params_axes": axes})
+  state = t5x_train_state.FlaxOptimTrainState.create(model.optimizer_def, variables)
+  optimizer = state._optimizer  # pylint: disable=protected-access
+  opt_state = optimizer.state.replace(step=jnp.asarray(step, jnp.int32))
+  if param_states is not None:
+    opt_state = opt_state.replace(param_states=param_states)
+  return state.replace(_optimizer=optimizer.replace(state=opt_state))
+
+
+def save_t5x(train_state, model_dir: str, partitioner=None) -> str:
+  """Writes `train_state` as MODEL_DIR/checkpoint_<step> in the format `t5x.train` writes."""
+  os.makedirs(model_dir, exist_ok=True)  # T5X's manager takes the parent of a missing directory
+  manager = t5x_checkpoints.OrbaxCheckpointManagerInterface(
+      model_dir, train_state, partitioner or default_partitioner(), period=1)
+  manager.save(train_state)
+  manager.wait_until_finished()
+  manager.close()
+  return t5x_checkpoints.get_checkpoint_dir(model_dir, int(train_state.step))
+
+
+def load_t5x(path: str, model, step: int | None = None, partitioner=None):
+  """The T5X train state of a checkpoint (a checkpoint_<step> directory or a MODEL_DIR)."""
+  path = checkpoint_dir(path, step)
+  partitioner = partitioner or default_partitioner()
+  manager = t5x_checkpoints.OrbaxCheckpointManagerInterface(
+      os.path.dirname(path), abstract_train_state(model, partitioner), partitioner)
+  try:
+    return manager.restore(path=path)
+  finally:
+    manager.close()
+
+
+def read_t5x_params(path: str, step: int | None = None) -> dict:
+  """The parameters ("target") of a T5X checkpoint as numpy arrays; no model needed."""
+  path = checkpoint_dir(path, step)
+  if os.path.isfile(os.path.join(path, "checkpoint")):   # T5X's legacy msgpack + TensorStore format
+    loaded = t5x_checkpoints.load_t5x_checkpoint(path)
+    return jax.tree.map(np.asarray, flax.core.unfreeze(loaded["target"]))
+  checkpointer = ocp.PyTreeCheckpointer()
+  state_dir = os.path.join(path, "state")
+  meta = checkpointer.metadata(state_dir).item_metadata["target"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  restore_args = jax.tree.map(
+      lambda m: ocp.ArrayRestoreArgs(sharding=device, global_shape=m.shape, dtype=m.dtype), meta)
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item={"target": target}, restore_args={"target": restore_args}, partial_restore=True))
+  return jax.tree.map(np.asarray, dict(restored["target"]))
+
+
+# ------------------------------------------------------------------------- optimizer states
+
+def _by_path(tree) -> dict[tuple[str, ...], Any]:
+  return {_path_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def convert_opt_state(source, target):
+  """`source`'s leaves in `target`'s structure, matched by their key paths.
+
+  The optax states of the two trainers differ only in containers (dict / FrozenDict) and in the
+  frozen parameters they skip (no leaves either way); anything else is a ValueError naming the paths.
+  """
+  src = _by_path(source)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  dst = [_path_names(path) for path, _ in leaves]
+  missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
+  if missing or extra:
+    show = lambda paths: ["/".join(p) for p in paths[:4]]  # noqa: E731
+    raise ValueError(f"optimizer states differ: missing {show(missing)}, unexpected {show(extra)} "
+                     "(is the optimizer configured the same in both trainers?)")
+  out = []
+  for path, (_, want) in zip(dst, leaves):
+    have = src[path]
+    if tuple(np.shape(have)) != tuple(np.shape(want)):
+      raise ValueError(f"optimizer state {'/'.join(path)}: shape {np.shape(have)}, expected "
+                       f"{np.shape(want)}")
+    out.append(jnp.asarray(have, dtype=want.dtype))
+  return treedef.unflatten(out)
+
+
+def _run_optimizer(model, params):
+  """(labels, the project's optax optimizer) matching the model's MhrOptimizer."""
+  opt = _model_optimizer(model)
+  labels = param_groups.param_labels(params, list(opt.rules))
+  mask = None
+  if opt.update_routing_rows_from > 0:
+    n_rows = max(v.shape[0] for p, v in traverse_util.flatten_dict(params).items()
+                 if p[-2:] == ("routing", "logits"))
+    mask = param_groups.routing_row_mask(params, range(opt.update_routing_rows_from, n_rows))
+  return labels, optim.make_optimizer(opt.config, labels, opt.total_steps, update_mask=mask)
+
+
+# --------------------------------------------------------------------------- conversions
+
+def t5x_to_run(t5x_checkpoint: str, model, run_dir: str, step: int | None = None) -> int:
+  """Writes a T5X checkpoint as a run checkpoint RUN_DIR/checkpoints/<step>; returns the step."""
+  state = load_t5x(t5x_checkpoint, model, step)
+  params = jax.tree.map(np.asarray, flax.core.unfreeze(state.params))
+  step = int(state.step)
+  labels, optimizer = _run_optimizer(model, params)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  abstract = train_step.abstract_train_state(model.module, labels, optimizer, mesh)
+  trainable, frozen = param_groups.partition(params, labels)
+  opt_state = convert_opt_state(state.param_states, abstract.opt_state)
+  place = lambda tree, like: jax.device_put(tree, train_step.shardings_of(like))  # noqa: E731
+  run_state = train_step.TrainState(
+      place(jnp.asarray(step, jnp.int32), abstract.step), place(trainable, abstract.trainable),
+      place(frozen, abstract.frozen), place(opt_state, abstract.opt_state), abstract.labels)
+  checkpointer = run_checkpoints.RunCheckpointer(os.path.join(run_dir, "checkpoints"), save_every=1,
+                                                 keep=None, async_save=False)
+  checkpointer.save(step, run_state, {"batches_consumed": step}, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  return step
+
+
+def run_to_t5x(run_dir: str, model, t5x_dir: str, step: int | None = None) -> str:
+  """Writes a run checkpoint (latest, or `step`) as T5X's t5x_dir/checkpoint_<step>; returns it."""
+  directory = os.path.join(run_dir, "checkpoints")
+  step = run_checkpoints.latest_step(directory) if step is None else step
+  if step is None:
+    raise ValueError(f"{directory}: no run checkpoint")
+  params = run_checkpoints.restore_params(directory, step)
+  labels, optimizer = _run_optimizer(model, params)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  abstract = train_step.abstract_train_state(model.module, labels, optimizer, mesh)
+  checkpointer = run_checkpoints.RunCheckpointer(directory, save_every=1, keep=None, async_save=False)
+  try:
+    run_state, _ = checkpointer.restore(step, abstract)
+  finally:
+    checkpointer.close()
+  params = param_groups.combine(run_state.trainable, run_state.frozen)
+  state = train_state_from_params(model, params, int(run_state.step))
+  state = train_state_from_params(model, params, int(run_state.step),
+                                  convert_opt_state(run_state.opt_state, state.param_states))
+  return save_t5x(state, t5x_dir)
+
+
+# ------------------------------------------------------------------- initial checkpoints
+
+def _is_run_dir(path: str) -> bool:
+  return run_checkpoints.latest_step(os.path.join(path, "checkpoints")) is not None
+
+
+def read_params(path: str) -> dict:
+  """Parameters of a T5X checkpoint (checkpoint dir or MODEL_DIR) or of a run directory (latest)."""
+  if _is_run_dir(path):
+    directory = os.path.join(path, "checkpoints")
+    return run_checkpoints.restore_params(directory, run_checkpoints.latest_step(directory))
+  return read_t5x_params(path)
+
+
+def _check_against(params, abstract) -> None:
+  flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(abstract)
+  missing = sorted("/".join(p) for p in set(want) - set(flat))
+  extra = sorted("/".join(p) for p in set(flat) - set(want))
+  wrong = sorted("/".join(p) for p in set(want) & set(flat)
+                 if tuple(np.shape(flat[p])) != tuple(want[p].shape))
+  if missing or extra or wrong:
+    raise ValueError(f"the checkpoint's parameters do not fit the model: missing {missing[:4]}, "
+                     f"unexpected {extra[:4]}, other shapes {wrong[:4]}")
+
+
+def adapt_params(params: dict, cfg: models.T5Config, seed: int = 0) -> dict:
+  """Pre-trained params turned into params of the model `cfg` (see the module docstring)."""
+  params = models.layout.to_layout(cfg.replace(scan_layers=False), params)
+  acfg = cfg.adapter
+  rows = [v.shape[0] for p, v in traverse_util.flatten_dict(params).items()
+          if p[-2:] == ("routing", "logits")]
+  if acfg.routed and rows:
+    if acfg.n_tasks < rows[0]:
+      raise ValueError(f"AdapterConfig.n_tasks={acfg.n_tasks} is below the checkpoint's {rows[0]} tasks")
+    if acfg.n_tasks > rows[0]:
+      source = cfg.replace(adapter=acfg.replace(n_tasks=rows[0]))
+      _, params = transforms.add_task_rows(source, params, acfg.n_tasks - rows[0],
+                                           jax.random.key(seed))
+  elif acfg.kind == "lora" and rows:
+    _, params = transforms.to_mu(cfg.replace(adapter=acfg.replace(kind="mhr")), params)
+  return models.layout.to_layout(cfg, params)
+
+
+def initial_checkpoint(model, out_dir: str, pretrained: str | None = None,
+                       hf_checkpoint: str | None = None, seed: int = 0) -> str:
+  """A T5X checkpoint at step 0 with `model`'s parameters, for T5X fine-tuning to start from.
+
+  Args:
+    model: the MhrEncoderDecoderModel being fine-tuned (its adapter decides the transform).
+    out_dir: where checkpoint_0 goes; reused when it exists (T5X resumes from MODEL_DIR anyway).
+    pretrained: a T5X checkpoint (or MODEL_DIR, latest step) or a project run directory.
+    hf_checkpoint: a Hugging Face T5 directory: base weights under freshly initialised adapters.
+    seed: for new routing rows and fresh adapters.
+  Returns:
+    out_dir/checkpoint_0, for utils.RestoreCheckpointConfig.path.
+  """
+  path = t5x_checkpoints.get_checkpoint_dir(out_dir, 0)
+  if os.path.isdir(path):
+    logging.info("initial checkpoint %s exists; reusing it", path)
+    return path
+  if (pretrained is None) == (hf_checkpoint is None):
+    raise ValueError("initial_checkpoint: give exactly one of pretrained, hf_checkpoint")
+  # Built in host memory: a fresh init plus a base copy of a large model need not fit on a chip.
+  with jax.default_device(jax.devices("cpu")[0]):
+    return _write_initial_checkpoint(model, out_dir, pretrained, hf_checkpoint, seed)
+
+
+def _write_initial_checkpoint(model, out_dir, pretrained, hf_checkpoint, seed) -> str:
+  cfg = model.config
+  abstract = flax.core.unfreeze(abstract_variables(model)["params"])
+  if pretrained is not None:
+    params = adapt_params(read_params(pretrained), cfg, seed)
+  else:
+    _, base = hf_t5.load_hf_t5(hf_checkpoint)
+    fresh = model.get_initial_variables(jax.random.key(seed), _DUMMY_SHAPES)["params"]
+    fresh = flax.core.unfreeze(fresh)
+    params, report = hf_t5.merge_base_params(fresh, base)
+    logging.info("base weights from %s: %s", hf_checkpoint, report)
+  _check_against(params, abstract)
+  logging.info("writing the initial checkpoint in %s", out_dir)
+  return save_t5x(train_state_from_params(model, params, 0), out_dir)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def model_from_gin(model=None):
+  """The `MODEL` of the parsed gin files (bound below by `load_gin_model`)."""
+  if model is None:
+    raise ValueError("the gin files define no MODEL")
+  return model
+
+
+def _unused_entry_point(**kwargs):
+  del kwargs
+  raise RuntimeError("only the MODEL of these gin files is used here")
+
+
+def load_gin_model(gin_files, gin_bindings=()):
+  """Parses a T5X run's gin files (as t5x.train does from the repository root) and builds MODEL."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  gin.add_config_file_search_path(
+      os.path.dirname(os.path.dirname(os.path.abspath(t5x_checkpoints.__file__))))
+  files = [os.path.abspath(f) for f in gin_files]
+  gin.clear_config()
+  # The run files bind `__main__.train` (t5x.train's entry point): give this process one.
+  main_module = sys.modules["__main__"]
+  for name in ("train", "evaluate"):
+    if not hasattr(main_module, name):
+      setattr(main_module, name, _unused_entry_point)
+  cwd = os.getcwd()
+  os.chdir(repo)   # the run files include each other relative to the repository root
+  try:
+    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
+    gin.parse_config(["from __gin__ import dynamic_registration",
+                      "from mhr_jax.t5x_bridge import checkpoints as _bridge_checkpoints",
+                      "_bridge_checkpoints.model_from_gin.model = %MODEL"])
+  finally:
+    os.chdir(cwd)
+  # By module name: under `python -m` this file is also __main__, which gin did not register.
+  return gin.get_configurable(importlib.import_module(__spec__.name).model_from_gin)()
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m mhr_jax.t5x_bridge.checkpoints",
+      description="Convert between T5X checkpoints and the project's run checkpoints.")
+  parser.add_argument("--to", choices=("run", "t5x"), required=True)
+  parser.add_argument("--gin_file", action="append", required=True,
+                      help="the T5X run's gin file(s), for the model and optimizer")
+  parser.add_argument("--gin", dest="gin_bindings", action="append", default=[],
+                      help="a gin binding, e.g. TRAIN_STEPS=40 (as --gin.KEY=VALUE of t5x.train)")
+  parser.add_argument("--t5x_checkpoint", help="--to=run: checkpoint_<step> or MODEL_DIR (latest)")
+  parser.add_argument("--run_dir", required=True, help="the project's run directory")
+  parser.add_argument("--t5x_dir", help="--to=t5x: the T5X MODEL_DIR to write checkpoint_<step> in")
+  parser.add_argument("--step", type=int, default=None)
+  args = parser.parse_args(argv)
+  model = load_gin_model(args.gin_file, args.gin_bindings)
+  if args.to == "run":
+    if not args.t5x_checkpoint:
+      parser.error("--to=run needs --t5x_checkpoint")
+    step = t5x_to_run(args.t5x_checkpoint, model, args.run_dir, args.step)
+    print(f"wrote {os.path.join(args.run_dir, 'checkpoints', str(step))}")
+  else:
+    if not args.t5x_dir:
+      parser.error("--to=t5x needs --t5x_dir")
+    print(f"wrote {run_to_t5x(args.run_dir, model, args.t5x_dir, args.step)}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
