@@ -20,6 +20,7 @@ import sys
 import time
 
 import gin
+import jax
 
 from mhr_jax import cli, fewshot, partitioning, pretrain, report
 from mhr_jax import config as config_lib
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
   if args.dry_run:
     return 0
   os.makedirs(exp.model_dir, exist_ok=True)
+  _share_compiled_programs(exp.model_dir)
   write_json_atomic(os.path.join(exp.model_dir, "plan.json"),
                     {"model_dir": os.path.abspath(exp.model_dir), "stages": rows,
                      "command": " ".join(["python -m mhr_jax.experiment", *sys.argv[1:]])})
@@ -116,6 +118,15 @@ def run(args: argparse.Namespace) -> int:
   log.info("experiment done in %.0f s (this run); results: %s", time.time() - start, files["markdown"])
   log.info("\n%s", report.console_table(exp.model_dir))
   return 0
+
+
+def _share_compiled_programs(model_dir: str) -> None:
+  """A persistent compilation cache for the stages: many compile the same programs (every LoRA-kind
+  adaptation's step and decoder, for one), and each stage builds its own jitted functions, so without it
+  they would compile again. JAX_COMPILATION_CACHE_DIR, when set, wins."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(model_dir), "compilation_cache"))
+    log.info("compiled programs are shared between stages through %s", jax.config.jax_compilation_cache_dir)
 
 
 def _run_stage(exp: plan_lib.Experiment, stage: plan_lib.Stage, cfg, text) -> int:
