@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 # Memory: up to (tasks x PACK_WINDOW) examples plus PACK_SHUFFLE_ROWS rows.
 PACK_WINDOW = 16
 PACK_SHUFFLE_ROWS = 512
+# Training batches read ahead of the step that uses them.
+PREFETCH_BATCHES = 2
 
 
 class _DropUncachedSourceWarning(logging.Filter):
@@ -212,6 +214,7 @@ class TrainBatches(Iterator[dict]):
   """Infinite iterator of host-local training batches (see `train_batches`)."""
 
   def __init__(self, ds: tf.data.Dataset, truncations: _Truncations):
+    self.dataset = ds
     self._it = ds.as_numpy_iterator()
     self._truncations = truncations
 
@@ -296,7 +299,11 @@ def train_batches(mixture_or_task_name: str, split: str, batch_size: int, input_
     ds = ds.shuffle(PACK_SHUFFLE_ROWS, seed=seed)
   else:
     ds = converter(ds, lengths)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  # No tf.data autotuning: its model thread makes deleting an idle iterator block for 10-20 s (once per
+  # adaptation stream, at the end of every stage); fixed read-ahead does as well for these small rows.
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(PREFETCH_BATCHES).with_options(options)
   return TrainBatches(ds, truncations)
 
 
