@@ -1,7 +1,10 @@
 """Run checkpoints (orbax): periodic saves, keep-N, resume, save-on-SIGTERM; atomic result files.
 
 A checkpoint at step s holds the train state after s updates (linen boxes removed, so the tree
-is plain arrays) and a small JSON "progress" item with the data position. The data iterator is
+is plain arrays; its small replicated leaves packed into one array per dtype, with a JSON "layout"
+item naming them: mhr_jax/checkpoint_packing.py) and a small JSON "progress" item with the data
+position. `RunCheckpointer.restore` and `restore_params` give the named tree back; checkpoints written
+before packing (no "layout" item) restore as they are. The data iterator is
 deterministic given its seed and skips ahead, so (state, batches consumed) makes resuming exact.
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoints intact.
@@ -17,8 +20,10 @@ import flax.traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax.core import meta
 
+from mhr_jax import checkpoint_packing as packing
 from mhr_jax.logging_utils import log
 
 
@@ -79,7 +84,7 @@ class RunCheckpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True, **extra)  # cleanup: leftovers of a killed run's unfinished save
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "progress"))
+                                          item_names=("state", "progress", "layout"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -89,8 +94,11 @@ class RunCheckpointer:
 
   def save(self, step: int, state, progress: dict[str, Any], force: bool = False) -> bool:
     """Saves (state, progress) at `step` if due (or forced); True when a save started."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(meta.unbox(state)),
-                              progress=ocp.args.JsonSave(progress))
+    if not (force or self._manager.should_save(step)):
+      return False
+    saved, layout = packing.pack(meta.unbox(state))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(saved), progress=ocp.args.JsonSave(progress),
+                              layout=ocp.args.JsonSave(layout))
     return self._manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state):
@@ -101,11 +109,25 @@ class RunCheckpointer:
         `abstract_like`); restored arrays get its shapes, dtypes and shardings. NumPy leaves are
         restored as NumPy arrays (a process-local state).
     """
-    target = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else abstract_like(x), abstract_state)
+    target = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else abstract_like(x),
+                          meta.unbox(abstract_state))
+    layout = _layout(self.directory, step)
+    if layout is None:  # written before packing
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()))
+      return restored["state"], dict(restored["progress"])
+    packing.check_layout(layout, target, f"{self.directory}/{step}")
+    targets, treedef = jax.tree.flatten(target)
+    item = {}
+    if layout["groups"]:
+      item["packed"] = packing.packed_target(layout)
+    alone = {str(i): t for i, (t, e) in enumerate(zip(targets, layout["leaves"])) if e["group"] is None}
+    if alone:
+      item["leaves"] = alone
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        progress=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["progress"])
+        state=ocp.args.StandardRestore(item), progress=ocp.args.JsonRestore()))
+    leaves = packing.unpack(layout, restored["state"], targets)
+    return jax.tree.unflatten(treedef, leaves), dict(restored["progress"])
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host preemption sync point (JAX's preemption service catches SIGTERM there)."""
@@ -144,17 +166,61 @@ def restore_params(directory: str, step: int) -> dict:
   """
   path = os.path.join(os.path.abspath(directory), str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(path).item_metadata
-  parts = {k: saved[k] for k in ("trainable", "frozen")}
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), parts)
-  restore_args = jax.tree.map(
-      lambda m: ocp.ArrayRestoreArgs(sharding=device, global_shape=m.shape, dtype=m.dtype), parts)
+  on_device = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
+  as_arg = lambda m: ocp.ArrayRestoreArgs(sharding=device, global_shape=m.shape, dtype=m.dtype)  # noqa: E731
+  layout = _layout(directory, step)
+  if layout is None:  # written before packing
+    saved = checkpointer.metadata(path).item_metadata
+    parts = {k: saved[k] for k in ("trainable", "frozen")}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=jax.tree.map(on_device, parts), restore_args=jax.tree.map(as_arg, parts), partial_restore=True))
+    merged = flax.traverse_util.flatten_dict(dict(restored["frozen"]))
+    merged.update(flax.traverse_util.flatten_dict(dict(restored["trainable"])))
+    return flax.traverse_util.unflatten_dict(merged)
+  wanted = [i for i, e in enumerate(layout["leaves"]) if e["path"][0] in ("trainable", "frozen")]
+  item, restore_args = {}, {}
+  if layout["groups"]:
+    item["packed"] = packing.packed_target(layout)
+    restore_args["packed"] = {g: ocp.RestoreArgs(restore_type=np.ndarray) for g in item["packed"]}
+  alone = {str(i): jax.ShapeDtypeStruct(tuple(layout["leaves"][i]["shape"]), layout["leaves"][i]["dtype"])
+           for i in wanted if layout["leaves"][i]["group"] is None}
+  if alone:
+    item["leaves"] = jax.tree.map(on_device, alone)
+    restore_args["leaves"] = jax.tree.map(as_arg, alone)
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
-  merged = flax.traverse_util.flatten_dict(dict(restored["frozen"]))
-  merged.update(flax.traverse_util.flatten_dict(dict(restored["trainable"])))
-  return flax.traverse_util.unflatten_dict(merged)
+      item=item, restore_args=restore_args, partial_restore=True))
+  params = {}
+  for i in wanted:
+    value = packing.leaf_value(layout, i, restored)
+    params[tuple(layout["leaves"][i]["path"][1:])] = (
+        jax.device_put(value, device) if isinstance(value, np.ndarray) else value)
+  return flax.traverse_util.unflatten_dict(params)
+
+
+def read_state(directory: str, step: int) -> dict[str, np.ndarray]:
+  """Every leaf of checkpoint `step` on the host, by its path ("trainable/encoder/.../lora_a",
+  "opt_state/..."): for inspecting a checkpoint without building the run's model or optimizer."""
+  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  on_host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                         checkpointer.metadata(path).item_metadata.tree)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=on_host))
+  layout = _layout(directory, step)
+  if layout is None:  # written before packing
+    return {"/".join(packing.path_tokens(p)): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(restored)}
+  return {"/".join(e["path"]): np.asarray(packing.leaf_value(layout, i, restored))
+          for i, e in enumerate(layout["leaves"])}
+
+
+def _layout(directory: str, step: int) -> dict | None:
+  """The packing layout of checkpoint `step` (None for a checkpoint written before packing)."""
+  path = os.path.join(os.path.abspath(directory), str(step), "layout")
+  if not os.path.isdir(path):
+    return None
+  # the handler alone: a Checkpointer would add a barrier, and process-local resumes restore unsynchronised
+  return dict(ocp.JsonCheckpointHandler().restore(epath.Path(path)))
 
 
 class StopSignal:

@@ -85,3 +85,11 @@ def test_benchmarks_import_without_tensorflow_seqio_or_gin(env):
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_checkpoint_save_benchmark_runs(capsys):
+  from benchmarks import checkpoint_save
+  checkpoint_save.main(["--leaves=2,5", "--saves=1"])
+  rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+  assert [int(r[0]) for r in rows[1:]] == [2, 5]
+  assert all(float(x) > 0 for r in rows[1:] for x in r[1:])

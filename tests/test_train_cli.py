@@ -11,7 +11,6 @@ import sys
 
 import gin
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
@@ -112,18 +111,12 @@ def test_adapt_from_pretraining_run(env, tiny_run, tmp_path):
   with open(os.path.join(model_dir, "results.md")) as f:
     assert f"| {test_tasks[0]} |" in f.read()
   assert [r["step"] for r in read_metrics(model_dir)] == [1, 2]
-  adapted = ocp.StandardCheckpointer().restore(os.path.join(model_dir, "checkpoints", "2", "state"))
+  adapted = restore_params(os.path.join(model_dir, "checkpoints"), 2)  # frozen inventory + trained routing
   before = restore_params(os.path.join(pretrain_dir, "checkpoints"), 3)
-  layer = ("encoder", "block_0", "self_attention", "q")
-  inventory = adapted["frozen"]
-  for name in layer:
-    inventory = inventory[name]
-  np.testing.assert_array_equal(np.asarray(inventory["lora_a"]), np.asarray(
+  layer = adapted["encoder"]["block_0"]["self_attention"]["q"]
+  np.testing.assert_array_equal(np.asarray(layer["lora_a"]), np.asarray(
       before["encoder"]["block_0"]["self_attention"]["q"]["lora_a"]))
-  routing = adapted["trainable"]
-  for name in layer:
-    routing = routing[name]
-  logits = np.asarray(routing["routing"]["logits"])
+  logits = np.asarray(layer["routing"]["logits"])
   assert logits.shape == (2, 1, 4, 4)  # (pairs, one new task row, S, K)
   assert np.max(np.abs(logits)) > 1e-3  # moved beyond its U(-1e-3, 1e-3) init
 
