@@ -83,8 +83,9 @@ def pack(tree) -> tuple[dict, dict]:
   for i, (path, leaf) in enumerate(with_paths):
     group = _group(leaf, devices)
     dtype = getattr(leaf, "dtype", None)
-    entries.append({"path": path_tokens(path), "shape": list(np.shape(leaf)),
-                    "dtype": _dtype_name(dtype) if isinstance(dtype, np.dtype) else str(np.asarray(leaf).dtype),
+    dtype = (_dtype_name(dtype) if isinstance(dtype, np.dtype)
+             else str(dtype) if dtype is not None else str(np.asarray(leaf).dtype))
+    entries.append({"path": path_tokens(path), "shape": list(np.shape(leaf)), "dtype": dtype,
                     "group": group, "offset": 0})
     if group is not None:
       members.setdefault(group, []).append(i)
