@@ -121,9 +121,16 @@ def check_layout(layout: dict, tree, where: str) -> None:
                      f"expects {diff[1]} ({len(saved)} saved leaves, {len(wanted)} expected)")
 
 
-def packed_target(layout: dict) -> dict:
-  """Restore targets (host NumPy) of the packed arrays."""
-  return {g: np.empty((info["size"],), np.dtype(info["dtype"])) for g, info in layout["groups"].items()}
+def saved_target(layout: dict, alone: dict) -> dict:
+  """The restore target of a packed checkpoint's saved tree: its packed arrays (as host NumPy) and the
+  leaves saved on their own that are wanted (`alone`: {"<leaf index>": target})."""
+  target = {}
+  if layout["groups"]:
+    target["packed"] = {g: np.empty((info["size"],), np.dtype(info["dtype"]))
+                        for g, info in layout["groups"].items()}
+  if alone:
+    target["leaves"] = alone
+  return target
 
 
 def leaf_value(layout: dict, index: int, restored: dict):

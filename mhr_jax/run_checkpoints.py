@@ -118,12 +118,8 @@ class RunCheckpointer:
       return restored["state"], dict(restored["progress"])
     packing.check_layout(layout, target, f"{self.directory}/{step}")
     targets, treedef = jax.tree.flatten(target)
-    item = {}
-    if layout["groups"]:
-      item["packed"] = packing.packed_target(layout)
-    alone = {str(i): t for i, (t, e) in enumerate(zip(targets, layout["leaves"])) if e["group"] is None}
-    if alone:
-      item["leaves"] = alone
+    item = packing.saved_target(layout, {str(i): t for i, (t, e) in enumerate(zip(targets, layout["leaves"]))
+                                         if e["group"] is None})
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(item), progress=ocp.args.JsonRestore()))
     leaves = packing.unpack(layout, restored["state"], targets)
@@ -179,15 +175,12 @@ def restore_params(directory: str, step: int) -> dict:
     merged.update(flax.traverse_util.flatten_dict(dict(restored["trainable"])))
     return flax.traverse_util.unflatten_dict(merged)
   wanted = [i for i, e in enumerate(layout["leaves"]) if e["path"][0] in ("trainable", "frozen")]
-  item, restore_args = {}, {}
-  if layout["groups"]:
-    item["packed"] = packing.packed_target(layout)
-    restore_args["packed"] = {g: ocp.RestoreArgs(restore_type=np.ndarray) for g in item["packed"]}
   alone = {str(i): jax.ShapeDtypeStruct(tuple(layout["leaves"][i]["shape"]), layout["leaves"][i]["dtype"])
            for i in wanted if layout["leaves"][i]["group"] is None}
-  if alone:
-    item["leaves"] = jax.tree.map(on_device, alone)
-    restore_args["leaves"] = jax.tree.map(as_arg, alone)
+  item = packing.saved_target(layout, jax.tree.map(on_device, alone))
+  restore_args = {"packed": {g: ocp.RestoreArgs(restore_type=np.ndarray) for g in item.get("packed", {})},
+                  "leaves": jax.tree.map(as_arg, alone)}
+  restore_args = {k: v for k, v in restore_args.items() if k in item}
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=True))
   params = {}
