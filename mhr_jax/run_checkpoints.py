@@ -161,27 +161,21 @@ def restore_params(directory: str, step: int) -> dict:
   of devices wrote the checkpoint.
   """
   path = os.path.join(os.path.abspath(directory), str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  on_device = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
-  as_arg = lambda m: ocp.ArrayRestoreArgs(sharding=device, global_shape=m.shape, dtype=m.dtype)  # noqa: E731
   layout = _layout(directory, step)
   if layout is None:  # written before packing
-    saved = checkpointer.metadata(path).item_metadata
-    parts = {k: saved[k] for k in ("trainable", "frozen")}
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=jax.tree.map(on_device, parts), restore_args=jax.tree.map(as_arg, parts), partial_restore=True))
-    merged = flax.traverse_util.flatten_dict(dict(restored["frozen"]))
-    merged.update(flax.traverse_util.flatten_dict(dict(restored["trainable"])))
+    parts = restore_subtrees(path, ("trainable", "frozen"))
+    merged = flax.traverse_util.flatten_dict(dict(parts["frozen"]))
+    merged.update(flax.traverse_util.flatten_dict(dict(parts["trainable"])))
     return flax.traverse_util.unflatten_dict(merged)
+  device = _first_device()
   wanted = [i for i, e in enumerate(layout["leaves"]) if e["path"][0] in ("trainable", "frozen")]
   alone = {str(i): jax.ShapeDtypeStruct(tuple(layout["leaves"][i]["shape"]), layout["leaves"][i]["dtype"])
            for i in wanted if layout["leaves"][i]["group"] is None}
-  item = packing.saved_target(layout, jax.tree.map(on_device, alone))
+  item = packing.saved_target(layout, jax.tree.map(lambda m: _on_device(m, device), alone))
   restore_args = {"packed": {g: ocp.RestoreArgs(restore_type=np.ndarray) for g in item.get("packed", {})},
-                  "leaves": jax.tree.map(as_arg, alone)}
+                  "leaves": jax.tree.map(lambda m: _device_arg(m, device), alone)}
   restore_args = {k: v for k, v in restore_args.items() if k in item}
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=True))
   params = {}
   for i in wanted:
@@ -189,6 +183,31 @@ def restore_params(directory: str, step: int) -> dict:
     params[tuple(layout["leaves"][i]["path"][1:])] = (
         jax.device_put(value, device) if isinstance(value, np.ndarray) else value)
   return flax.traverse_util.unflatten_dict(params)
+
+
+def _first_device() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _on_device(m, device: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+
+
+def _device_arg(m, device: jax.sharding.Sharding) -> ocp.ArrayRestoreArgs:
+  return ocp.ArrayRestoreArgs(sharding=device, global_shape=m.shape, dtype=m.dtype)
+
+
+def restore_subtrees(path: str, keys: tuple[str, ...]) -> dict:
+  """Top-level subtrees `keys` of the orbax PyTree checkpoint at `path`, onto this process's first device
+  (whatever mesh wrote them); the rest of the checkpoint is not read."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata
+  parts = {k: saved[k] for k in keys}
+  device = _first_device()
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=jax.tree.map(lambda m: _on_device(m, device), parts),
+      restore_args=jax.tree.map(lambda m: _device_arg(m, device), parts), partial_restore=True))
+  return {k: restored[k] for k in keys}
 
 
 def read_state(directory: str, step: int) -> dict[str, np.ndarray]:

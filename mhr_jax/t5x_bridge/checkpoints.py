@@ -38,7 +38,6 @@ import flax.core
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 from t5x import checkpoints as t5x_checkpoints
@@ -159,15 +158,7 @@ def read_t5x_params(path: str, step: int | None = None) -> dict:
   if os.path.isfile(os.path.join(path, "checkpoint")):   # T5X's legacy msgpack + TensorStore format
     loaded = t5x_checkpoints.load_t5x_checkpoint(path)
     return jax.tree.map(np.asarray, flax.core.unfreeze(loaded["target"]))
-  checkpointer = ocp.PyTreeCheckpointer()
-  state_dir = os.path.join(path, "state")
-  meta = checkpointer.metadata(state_dir).item_metadata["target"]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-  restore_args = jax.tree.map(
-      lambda m: ocp.ArrayRestoreArgs(sharding=device, global_shape=m.shape, dtype=m.dtype), meta)
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item={"target": target}, restore_args={"target": restore_args}, partial_restore=True))
+  restored = run_checkpoints.restore_subtrees(os.path.join(path, "state"), ("target",))
   return jax.tree.map(np.asarray, dict(restored["target"]))
 
 
