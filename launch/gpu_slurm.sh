@@ -23,7 +23,10 @@ flags:
   --job-name=NAME       job name (default mhr-jax)
   --output-dir=DIR      batch script, job log and per-process logs (default runs/slurm; on a
                         filesystem that every node sees)
-  --cpus-per-task=N     CPUs per process (default: the cluster's; the input pipeline uses them)
+  --cpus-per-task=N     CPUs per process, for sbatch and srun (default: the node's CPUs shared evenly
+                        among its processes; the input pipeline uses them)
+  --mem=SIZE            memory per node, e.g. 500G (default 0: all of the node's memory); left out
+                        when --sbatch-arg gives --mem-per-cpu or --mem-per-gpu
   --sbatch-arg=ARG      extra #SBATCH line, e.g. --sbatch-arg=--account=proj (repeatable)
   --env=KEY=VALUE       environment variable for every process (repeatable)
   --module=MODULE       python module to run (default mhr_jax.train; mhr_jax.experiment runs the
@@ -47,7 +50,7 @@ cd "$repo"
 # ---------------------------------------------------------------------------------------- flags
 
 nodes=1 gpus=8 per=gpu partition="" time_limit="" job_name="mhr-jax" output_dir="runs/slurm"
-cpus="" module="mhr_jax.train" python="${PYTHON:-python3}" grace=300 requeue=0 dry_run=0
+cpus="" mem=0 module="mhr_jax.train" python="${PYTHON:-python3}" grace=300 requeue=0 dry_run=0
 sbatch_args=() envs=() module_args=()
 while (( $# )); do
   case "$1" in
@@ -59,6 +62,7 @@ while (( $# )); do
     --job-name=*) job_name=${1#*=} ;;
     --output-dir=*) output_dir=${1#*=} ;;
     --cpus-per-task=*) cpus=${1#*=} ;;
+    --mem=*) mem=${1#*=} ;;
     --sbatch-arg=*) sbatch_args+=("${1#*=}") ;;
     --env=*) envs+=("${1#*=}") ;;
     --module=*) module=${1#*=} ;;
@@ -79,12 +83,19 @@ done
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node='$gpus': expected a positive number"
 [[ "$per" == gpu || "$per" == node ]] || die "--per='$per': expected gpu or node"
 [[ -z "$cpus" || "$cpus" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task='$cpus': expected a positive number"
+[[ "$mem" =~ ^[0-9]+[KMGT]?$ ]] || die "--mem='$mem': expected a size such as 500G, or 0 for all of a node's memory"
 [[ "$grace" =~ ^[0-9]+$ ]] || die "--signal-grace='$grace': expected seconds"
 [[ "$job_name" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--job-name='$job_name': expected letters, digits, _ . -"
 [[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] || die "--module='$module': expected a python module name such as mhr_jax.experiment"
 [[ -n "$output_dir" && "$output_dir" != *[[:space:]]* ]] || die "--output-dir='$output_dir': expected a path without spaces (SLURM's --output takes it unquoted)"
+mem_line=1
 for arg in "${sbatch_args[@]}"; do
   [[ "$arg" == --?* ]] || die "--sbatch-arg='$arg': expected an sbatch option such as --account=NAME"
+  case "$arg" in
+    --mem=*) die "--sbatch-arg='$arg': give the memory per node with --mem=SIZE" ;;
+    # sbatch takes only one of --mem, --mem-per-cpu and --mem-per-gpu.
+    --mem-per-cpu=* | --mem-per-gpu=*) mem_line=0 ;;
+  esac
 done
 for env in "${envs[@]}"; do
   [[ "$env" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env='$env': expected KEY=VALUE"
@@ -118,6 +129,9 @@ batch_script() {
   # would hide the device that SLURM_LOCALID names.
   echo "#SBATCH --gres=gpu:$gpus"
   echo "#SBATCH --exclusive"
+  # An exclusive node still holds the job to the cluster's default memory limit unless --mem asks
+  # for more; 8 processes that each load the float32 base (11.4 GB for T5-XL) need it.
+  (( mem_line )) && echo "#SBATCH --mem=$mem"
   [[ -n "$cpus" ]] && echo "#SBATCH --cpus-per-task=$cpus"
   [[ -n "$partition" ]] && echo "#SBATCH --partition=$partition"
   [[ -n "$time_limit" ]] && echo "#SBATCH --time=$time_limit"
@@ -140,9 +154,16 @@ batch_script() {
     echo "export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $(( gpus - 1 )))"
   fi
   for env in "${envs[@]}"; do echo "export ${env%%=*}=$(quote_word "${env#*=}")"; done
+  # srun does not take --cpus-per-task from sbatch (Slurm 22.05 to 23.02) and otherwise gives each
+  # process one CPU, which would leave the input pipeline one thread.
+  if [[ -n "$cpus" ]]; then
+    echo "cpus_per_task=$cpus"
+  else
+    echo "cpus_per_task=\$(( SLURM_CPUS_ON_NODE / $tasks_per_node > 0 ? SLURM_CPUS_ON_NODE / $tasks_per_node : 1 ))"
+  fi
   # One log per process (%t: the task rank); a failing process ends the step instead of leaving
   # the others waiting in a collective.
-  echo "srun --kill-on-bad-exit=1 --output=$output_dir/%x-%j-task%t.log $(join_args "${python_cmd[@]}")"
+  echo "srun --kill-on-bad-exit=1 --cpus-per-task=\$cpus_per_task --output=$output_dir/%x-%j-task%t.log $(join_args "${python_cmd[@]}")"
 }
 
 submit=(sbatch "$script_path")

@@ -8,6 +8,8 @@
 #   launch/tpu_vm.sh logs   --name=mhr-v4 --zone=us-central2-b [--worker=1|all] [--follow]
 #   launch/tpu_vm.sh kill   --name=mhr-v4 --zone=us-central2-b
 #   launch/tpu_vm.sh delete --name=mhr-v4 --zone=us-central2-b [--queued]
+#   launch/tpu_vm.sh keep-running --name=mhr-v4 --zone=us-central2-b --accelerator=v4-16 --spot \
+#       --gin_file=configs/experiments/t0_mhr.gin --gin.MODEL_DIR="'gs://BUCKET/runs/t0_mhr'" ...
 #
 # --dry-run prints every command (local and remote) instead of running it. See launch/README.md.
 set -euo pipefail
@@ -28,6 +30,12 @@ commands:
   kill     SIGTERM the training processes on every worker (they save a checkpoint and exit), SIGKILL
            what is left after --grace seconds, remove /tmp/libtpu_lockfile
   delete   delete the slice (--queued: the queued resource and its slice)
+  keep-running
+           run through preemptions: create the slice when it is missing (when it is PREEMPTED,
+           TERMINATED, SUSPENDED or FAILED: delete it first), set it up, run; after an exit status
+           other than 0, 2 (bad config) or 3 (non-finite loss), look at the slice again and rerun
+           the same command, which resumes from MODEL_DIR (e.g. gs://BUCKET/...); at most
+           --max-restarts times
 
 flags:
   --name=TPU            TPU VM (and queued resource) name              (required)
@@ -43,15 +51,21 @@ flags:
                         whole experiment)
   --env=KEY=VALUE       environment variable for the run on every worker (run; repeatable)
   --python=PYTHON       interpreter for the workers' virtualenv (setup; default python3.11)
+  --setup-command=CMD   shell command that setup runs on every worker after the install, e.g. to
+                        mount a bucket (setup; keep-running sets up every new slice)
   --remote-dir=DIR      checkout on the workers, relative to the home directory (default mhr-jax)
   --log-dir=DIR         local per-worker logs and exit statuses (run; default runs/tpu/TPU)
   --grace=SECONDS       time a stopped run gets to save its checkpoint (run, kill; default 300)
+  --max-restarts=N      restarts keep-running may make: reruns of the command, failed creates,
+                        deletes and state queries (default 20)
+  --poll=SECONDS        how often keep-running asks gcloud for the slice's state while it changes,
+                        and its pause after a failed run (default 60)
   --worker=N|all        which worker's log (logs; default 0)
   --lines=N             log lines to show (logs; default 100)
   --follow              keep following the log (logs)
   --dry-run             print the commands instead of running them
   MODULE_ARGS           --gin_file=..., --gin.KEY=VALUE, --gin_bindings=..., --gin_search_paths=...
-                        (run), or anything after `--`; passed to `python -m MODULE` unchanged
+                        (run, keep-running), or anything after `--`; passed to `python -m MODULE` unchanged
                         (plus --multihost on multi-host slices)
 EOF
 }
@@ -59,6 +73,7 @@ EOF
 # shellcheck source=launch/lib.sh
 source "$(dirname "$0")/lib.sh"
 repo=$(cd "$(dirname "$0")/.." && pwd)
+self="$repo/launch/$(basename "$0")"
 cd "$repo"
 
 # Runs a command, or prints it under --dry-run.
@@ -75,16 +90,22 @@ run_or_print() {
 
 command=${1:-}
 case "$command" in
-  create | setup | run | logs | kill | delete) shift ;;
+  create | setup | run | logs | kill | delete | keep-running) shift ;;
   -h | --help | help) usage; exit 0 ;;
   "") usage >&2; exit 2 ;;
-  *) die "unknown command '$command' (expected create, setup, run, logs, kill or delete; see --help)" ;;
+  *) die "unknown command '$command' (expected create, setup, run, logs, kill, delete or keep-running; see --help)" ;;
 esac
 
 name="" zone="" project="" accelerator="" version="" queued=0 spot=0 workers="" module="mhr_jax.train"
 python="python3.11" remote_dir="mhr-jax" log_dir="" grace=300 worker=0 lines=100 follow=0 dry_run=0
-envs=() module_args=()
+setup_command="" max_restarts=20 poll=60
+# given: the flags as given, less keep-running's own, which it passes on to the commands it runs.
+envs=() module_args=() given=()
 while (( $# )); do
+  case "$1" in
+    --dry-run | --max-restarts=* | --poll=* | --gin* | --) ;;
+    --*) given+=("$1") ;;
+  esac
   case "$1" in
     --name=*) name=${1#*=} ;;
     --zone=*) zone=${1#*=} ;;
@@ -97,6 +118,9 @@ while (( $# )); do
     --module=*) module=${1#*=} ;;
     --env=*) envs+=("${1#*=}") ;;
     --python=*) python=${1#*=} ;;
+    --setup-command=*) setup_command=${1#*=} ;;
+    --max-restarts=*) max_restarts=${1#*=} ;;
+    --poll=*) poll=${1#*=} ;;
     --remote-dir=*) remote_dir=${1#*=} ;;
     --log-dir=*) log_dir=${1#*=} ;;
     --grace=*) grace=${1#*=} ;;
@@ -119,14 +143,16 @@ done
 [[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] || die "--module='$module': expected a python module name such as mhr_jax.experiment"
 [[ "$grace" =~ ^[0-9]+$ ]] || die "--grace='$grace': expected seconds"
 [[ "$lines" =~ ^[0-9]+$ ]] || die "--lines='$lines': expected a number"
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts='$max_restarts': expected a number"
+[[ "$poll" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--poll='$poll': expected seconds"
 [[ "$worker" =~ ^([0-9]+|all)$ ]] || die "--worker='$worker': expected a worker index or all"
 [[ -z "$workers" || "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers='$workers': expected a positive number"
 [[ "$remote_dir" =~ ^[A-Za-z0-9_.-][A-Za-z0-9_./-]*$ ]] || die "--remote-dir='$remote_dir': expected a path relative to the home directory"
 for env in "${envs[@]}"; do
   [[ "$env" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env='$env': expected KEY=VALUE"
 done
-if (( ${#module_args[@]} )) && [[ "$command" != run ]]; then
-  die "${module_args[0]}: arguments for python -m MODULE only go with 'run'"
+if (( ${#module_args[@]} )) && [[ "$command" != run && "$command" != keep-running ]]; then
+  die "${module_args[0]}: arguments for python -m MODULE only go with 'run' or 'keep-running'"
 fi
 log_dir=${log_dir:-runs/tpu/$name}
 
@@ -142,8 +168,14 @@ stale_pattern='[p]ython[0-9.]* -m mhr_jax[.]'
 
 # ---------------------------------------------------------------------------------------- commands
 
+# ssh gives up on a worker that stops answering for 5 minutes (a host lost without closing its
+# connections), so that `run` ends and keep-running can look at the slice; the run itself goes on
+# where the worker still lives.
+ssh_keepalive=(--ssh-flag=-oServerAliveInterval=60 --ssh-flag=-oServerAliveCountMax=5)
+
 ssh_cmd() {  # ssh_cmd WORKER REMOTE_COMMAND
-  printf '%s\0' "${gcloud_tpus[@]}" tpu-vm ssh "$name" "${location[@]}" "--worker=$1" "--command=$2"
+  printf '%s\0' "${gcloud_tpus[@]}" tpu-vm ssh "$name" "${location[@]}" "${ssh_keepalive[@]}" "--worker=$1" \
+    "--command=$2"
 }
 
 # The remote command that stops stale runs: SIGTERM first, because the training CLI then saves a
@@ -217,6 +249,10 @@ do_setup() {
   remote+=" && $python -m venv .venv && .venv/bin/pip install -q --upgrade pip"
   remote+=" && .venv/bin/pip install -q -r requirements.txt $(quote_word "jax[tpu]==$jax_version")"
   run_ssh all "$remote"
+  # Anything else a new worker needs, e.g. a bucket mounted where the run reads its data.
+  if [[ -n "$setup_command" ]]; then
+    run_ssh all "$setup_command"
+  fi
   # Every worker at once, as a run would: each prints its process index and device counts.
   run_ssh all "cd $remote_dir && .venv/bin/python -c \"import jax; print(\\\"process %d of %d: %d local devices, %d in the slice (%s)\\\" % (jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind))\""
   run_or_print rm -f "$tarball"
@@ -329,4 +365,145 @@ do_run() {
   return "$rc"
 }
 
-"do_$command"
+# ---------------------------------------------------------------------------------------- keep-running
+
+# The slice's state, as gcloud describes it: READY, PREEMPTED, TERMINATED, ... for a TPU VM; ACTIVE,
+# WAITING_FOR_RESOURCES, SUSPENDED, FAILED, ... for a queued resource.
+if (( queued )); then
+  state_query=("${gcloud_tpus[@]}" queued-resources describe "$name" "${location[@]}" "--format=value(state.state)")
+else
+  state_query=("${gcloud_tpus[@]}" tpu-vm describe "$name" "${location[@]}" "--format=value(state)")
+fi
+# States after which the slice never comes back: delete it and create it anew (a SUSPENDED queued
+# resource is no longer eligible for allocation; UNKNOWN follows a failed repair).
+lost_states=(PREEMPTED TERMINATED UNKNOWN SUSPENDED FAILED)
+
+# The state, or MISSING when gcloud does not find the slice, or UNREADABLE when gcloud fails
+# otherwise (its error stays in LOG_DIR/gcloud-describe.err).
+slice_state() {
+  local state errors="$log_dir/gcloud-describe.err"
+  if state=$("${state_query[@]}" 2> "$errors"); then
+    echo "${state:-UNREADABLE}"
+  elif grep -q NOT_FOUND "$errors"; then
+    echo MISSING
+  else
+    echo UNREADABLE
+  fi
+}
+
+# This script's COMMAND with the flags that keep-running was given, as words in own_words.
+own_command() {
+  own_words=(launch/tpu_vm.sh "$1" "${given[@]}")
+  if [[ "$1" == run ]]; then
+    own_words+=(-- "${module_args[@]}")
+  fi
+}
+
+# Runs this script's COMMAND in a process of its own, so that it stops at its own first error.
+run_own() {
+  own_command "$1"
+  echo "keep-running: $(join_args "${own_words[@]}")"
+  "$BASH" "$self" "${own_words[@]:1}"
+}
+
+# Counts a restart, or gives up with EXIT_STATUS when --max-restarts are spent.
+count_restart() {  # count_restart REASON EXIT_STATUS
+  if (( restarts >= max_restarts )); then
+    echo "error: $1; giving up after $restarts restarts (--max-restarts=$max_restarts)" >&2
+    exit "$2"
+  fi
+  restarts=$(( restarts + 1 ))
+  echo "keep-running: $1; restart $restarts of $max_restarts"
+}
+
+# Returns once the slice is READY (a queued resource ACTIVE): creates it when it is missing, deletes
+# it when it is lost, and waits while it changes state. Sets slice_created when it created one.
+bring_up_slice() {
+  local state shown=""
+  slice_created=0
+  while :; do
+    state=$(slice_state)
+    if [[ "$state" != "$shown" ]]; then
+      echo "keep-running: $name is $state"
+      shown=$state
+    fi
+    if [[ "$state" == READY || "$state" == ACTIVE ]]; then
+      return 0
+    elif [[ "$state" == MISSING ]]; then
+      if run_own create; then
+        slice_created=1
+      else
+        count_restart "create failed" 1
+        sleep "$poll"
+      fi
+    elif [[ " ${lost_states[*]} " == *" $state "* ]]; then
+      # A slice lost before it was ever ready (a queued request that FAILED) costs a restart, so that a
+      # request that can never be met does not loop forever.
+      if (( slice_created )); then
+        count_restart "$name became $state before it was ready" 1
+        sleep "$poll"
+      fi
+      # `delete` waits until the slice is gone; the next state shows whether it is.
+      if ! run_own delete; then
+        count_restart "delete failed" 1
+        sleep "$poll"
+      fi
+    elif [[ "$state" == UNREADABLE ]]; then
+      count_restart "gcloud could not describe $name: $(tail -n 1 "$log_dir/gcloud-describe.err")" 1
+      sleep "$poll"
+    elif [[ "$state" == STOPPED ]]; then
+      die "--name=$name is STOPPED: start it (gcloud compute tpus tpu-vm start) or delete it"
+    else
+      sleep "$poll"  # CREATING, WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDING, REPAIRING, ...
+    fi
+  done
+}
+
+do_keep_running() {
+  local rc needs_setup=1 step
+  [[ -n "$accelerator" ]] || die "--accelerator is required for keep-running (it creates the slice), e.g. --accelerator=v4-16"
+  if (( dry_run )); then
+    echo "# keep-running: until the run exits 0, 2 or 3, at most $max_restarts restarts"
+    echo "# 1. the slice's state, every $poll s while it changes:"
+    join_args "${state_query[@]}"
+    echo
+    echo "# 2. not found: create; lost (${lost_states[*]}): delete, then create:"
+    for step in delete create setup run; do
+      case "$step" in
+        setup) echo "# 3. on a new slice, and at the start:" ;;
+        run) echo "# 4. the run; after an exit status other than 0, 2 or 3: a $poll s pause, then 1 again:" ;;
+      esac
+      own_command "$step"
+      join_args "${own_words[@]}"
+      echo
+    done
+    return 0
+  fi
+  mkdir -p "$log_dir"
+  restarts=0
+  while :; do
+    bring_up_slice
+    (( slice_created )) && needs_setup=1
+    if (( needs_setup )); then
+      rc=0
+      run_own setup || rc=$?
+      if (( rc )); then
+        count_restart "setup failed (exit $rc)" "$rc"
+        sleep "$poll"
+        continue
+      fi
+      needs_setup=0
+    fi
+    rc=0
+    run_own run || rc=$?
+    case "$rc" in
+      0) echo "keep-running: the run finished"; return 0 ;;
+      2 | 3) echo "keep-running: the run exited $rc (2: bad config, 3: non-finite loss); not restarted"; return "$rc" ;;
+    esac
+    count_restart "the run exited $rc" "$rc"
+    # A preempted slice changes state a little after its run ends: ask after a pause.
+    sleep "$poll"
+  done
+}
+
+"do_${command//-/_}"
