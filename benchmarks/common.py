@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-# Methods of the project's side; the PyTorch side runs PEFT's equivalents (mhr and poly as PEFT
-# `poly` with n_splits S and 1, lora as PEFT LoRA) and "full" as plain HF fine-tuning.
+# Methods timed (records of mhr_jax.adapters.methods); the PyTorch side runs PEFT's equivalents (mhr and
+# poly as PEFT `poly` with n_splits S and 1, lora as PEFT LoRA) and "full" as plain HF fine-tuning.
 METHODS = ("lora", "mhr", "poly", "full")
 
 
@@ -46,14 +46,13 @@ class Settings:
 
 
 def adapter_config(s: Settings, method: str, n_tasks: int | None = None):
-  """Our AdapterConfig of a benchmark method: all 7 linear kinds, rank r, T tasks, K skills."""
-  from mhr_jax.adapters import AdapterConfig
+  """Our AdapterConfig of a benchmark method (the kind its record pre-trains; "none": no adapter): all 7
+  linear kinds, rank r, T tasks, K skills, S heads for mhr."""
+  from mhr_jax.adapters import AdapterConfig, methods
+  kind = "none" if method == "none" else methods.get(method).pretrain_kind
   tasks = s.n_tasks if n_tasks is None else n_tasks
-  routed = dict(rank=s.rank, n_tasks=tasks, n_skills=s.n_skills)
-  return {"lora": AdapterConfig(kind="lora", rank=s.rank),
-          "mhr": AdapterConfig(kind="mhr", n_splits=s.n_splits, **routed),
-          "poly": AdapterConfig(kind="poly", **routed),
-          "full": AdapterConfig(), "none": AdapterConfig()}[method]
+  return AdapterConfig(kind=kind, rank=s.rank, n_tasks=tasks, n_skills=s.n_skills,
+                       n_splits=s.n_splits if kind == "mhr" else 1)
 
 
 def synthetic_batch(cfg, batch: int, input_len: int, target_len: int, mixed: bool,

@@ -22,6 +22,7 @@ from benchmarks.common import (Settings, Timed, adapter_config, compiled_peak_by
                                forward_flops, record, synthetic_batch, time_cases, train_flops)
 from mhr_jax import decoding, losses, optim, partitioning
 from mhr_jax import train_step as ts
+from mhr_jax.adapters import methods
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.models import T5, preset
 
@@ -151,7 +152,7 @@ def prepare_train(s: Settings, method: str, batch_size: int) -> list[Timed]:
   fields = dict(side="jax", kind="train", method=method, batch=batch_size, compile_s=compile_s,
                 peak_memory_gb=compiled_peak_bytes(compiled) / GB,
                 flops=train_flops(cfg, batch_size, s.input_len, s.target_len,
-                                  trains_base=method == "full"),
+                                  trains_base=methods.get(method).trains_base),
                 tokens=batch_size * (s.input_len + s.target_len))
   frozen, holder = state.frozen, {"mutable": (state.step, state.trainable, state.opt_state)}
   del state

@@ -6,18 +6,13 @@ so N adaptations cost one compilation and run as one batched program. Each pair'
 clipped by its own global norm and its loss normalised by its own token count, exactly as N
 separate runs of `train_step.make_train_step` would (tests/test_adaptation.py checks this).
 
-Methods (METHODS.md "Few-shot adaptation variants"); the pre-trained `params` must match:
-  poly, mhr          one fresh routing row for the new task (U(-1e-3, 1e-3), drawn per pair) and
-                     the inventory train; the adapted model has adapter.n_tasks = 1 (task id 0).
-  poly-z, mhr-z      the same fresh row trains alone; the inventory is frozen (shared by all pairs).
-  poly-mu, mhr-mu    the skill-averaged inventory becomes one LoRA (transforms.to_mu), which trains.
-  lora, ia3          the model's (shared) LoRA or (IA)^3 scales train.
-  private_lora       a fresh private adapter for the new task trains.
-  full               every weight trains. Stacking N copies of the base would multiply memory by N,
-                     so pairs run one after another (`sequential`), each with the same compiled
-                     program; results are identical to the vmapped form.
-From a plain base (no adapter in `params`), poly, mhr, lora, ia3 and private_lora start from a freshly
-initialised adapter: the paper's control without multi-task pre-training.
+Methods are the records of `adapters.methods.METHOD_TABLE`: what trains (`rules`), where a pair starts
+(`start_params`: a fresh routing row or private adapter for the new task, which becomes the adapted
+model's only task, id 0; or the skills averaged into one LoRA), and whether pairs vmap (`vmapped`; full
+fine-tuning would need N copies of the base, so its pairs run one after another with the same compiled
+program, giving the same results). From a plain base (no adapter in `params`), a method whose record
+allows `control` starts from a freshly initialised adapter: the paper's control without multi-task
+pre-training. The pre-trained `params` must be of a kind the record `adapts`.
 
 PRNG convention for a pair with key k: fresh rows come from fold_in(k, 0); step s uses
 fold_in(fold_in(k, 1), s) (micro-batch i inside it: fold_in(., i), as in train_step).
@@ -39,10 +34,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mhr_jax import losses, models, optim, partitioning
 from mhr_jax import train_step as ts
+from mhr_jax.adapters import methods
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.adapters import transforms
 
-METHODS = param_groups.METHODS
+METHODS = methods.METHODS
 
 BatchFn = Callable[[int], Mapping[str, np.ndarray]]
 
@@ -106,36 +102,28 @@ def _fresh_adapter(model_cfg: models.T5Config, base_params, keys: jax.Array):
 
 
 def prepare_pairs(method: str, model_cfg: models.T5Config, params, keys: jax.Array):
-  """Per-pair starting points for `method`.
+  """Per-pair starting points for `method` (its record's `start_params`, adapters.methods).
 
   Args:
     model_cfg: the pre-trained model's config; when `params` is a plain base without that config's
       adapter leaves (pre-trained kind "none"), the adapter is initialised fresh for every pair (the
-      no-pre-training control; METHOD_TABLE's "starts_from" must allow "none").
+      no-pre-training control: the method's record must allow `control`).
     params: pre-trained unboxed params of `models.T5(model_cfg)` (or of its base).
     keys: (N,) PRNG keys, one per (task, seed) pair.
   Returns:
     (adapted model_cfg, labels, frozen params shared by all pairs, trainable params with
     leaves stacked (N, ...)).
   """
-  method = param_groups.canonical_method(method)
-  info = param_groups.METHOD_TABLE[method]
+  info = methods.get(method)
   if _has_adapter(model_cfg, params):
-    per_pair = []
-    for key in keys:
-      cfg, p = model_cfg, params
-      if (info.new_task or method == "full") and cfg.adapter.uses_task_ids:
-        cfg, p = transforms.add_task_rows(cfg, p, 1, jax.random.fold_in(key, 0))
-        cfg, p = transforms.select_task_rows(cfg, p, [cfg.adapter.n_tasks - 1])
-      elif info.mu:
-        cfg, p = transforms.to_mu(cfg, p)
-      per_pair.append(p)
+    starts = [info.start_params(model_cfg, params, key) for key in keys]
+    cfg, per_pair = starts[0][0], [p for _, p in starts]
   else:
-    if "none" not in info.starts_from:
-      raise ValueError(f"adaptation method {method!r} needs a pre-trained adapter of kind "
-                       f"{info.starts_from}; the given params have no adapter")
+    if not info.control:
+      raise ValueError(f"adaptation method {info.name!r} needs a pre-trained adapter of kind "
+                       f"{info.adapts}; the given params have no adapter")
     cfg, per_pair = _fresh_adapter(model_cfg, params, keys)
-  labels = param_groups.param_labels(per_pair[0], method)
+  labels = param_groups.param_labels(per_pair[0], info.rules)
   parts = [param_groups.partition(p, labels) for p in per_pair]
   trainable = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[t for t, _ in parts])
   return cfg, labels, parts[0][1], trainable
@@ -324,7 +312,7 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
       pairs (`model` is the adapted models.T5), higher is better (e.g. dev ROUGE-L); with eval_every > 0
       it runs every eval_every steps and at the end, and each pair keeps its best parameters. Give
       `select` or `dev_batches`, not both.
-    sequential: run pairs one at a time (default: only for "full").
+    sequential: run pairs one at a time (default: when the method's record is not `vmapped`).
     mesh: optional; the frozen base is sharded by LOGICAL_RULES, pair states replicated, each
       pair's batch split over ('data', 'fsdp').
     progress: optional callable(k) after every step of every pair group (a progress bar's update;
@@ -332,7 +320,7 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
     resume: optional `Resume`: the loop saves its state there and continues from the latest save,
       exactly (same batches, same random numbers).
   """
-  method = param_groups.canonical_method(method)
+  info = methods.get(method)
   if num_steps < 0:
     raise ValueError(f"adaptation num_steps={num_steps}: must be >= 0")
   if dev_batches is not None and select is not None:
@@ -340,8 +328,8 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
   keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
   n_pairs = len(keys)
   # Untrained pairs that draw nothing of their own are one model: keep a single copy (full: the base).
-  alike = num_steps == 0 and not param_groups.METHOD_TABLE[method].new_task
-  cfg, labels, frozen, trainable = prepare_pairs(method, model_cfg, params, keys[:1] if alike else keys)
+  alike = num_steps == 0 and not info.draws_per_pair(model_cfg.adapter.kind)
+  cfg, labels, frozen, trainable = prepare_pairs(info.name, model_cfg, params, keys[:1] if alike else keys)
   model = models.T5(cfg)
   if mesh is not None:
     shardings = partitioning.param_shardings(ts.abstract_boxed_params(model), mesh)
@@ -357,7 +345,7 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
     score = None if select is None else functools.partial(select, model)
   eval_steps = _eval_steps(num_steps, eval_every) if score is not None else []
   optimizer = optim.make_optimizer(opt_cfg, labels, num_steps)
-  sequential = (method == "full") if sequential is None else sequential
+  sequential = (not info.vmapped) if sequential is None else sequential
   groups = [slice(0, n_pairs)] if not sequential else [slice(i, i + 1) for i in range(n_pairs)]
   # Built once: sequential pairs reuse the same compiled programs.
   step_fn = make_adaptation_step(model, optimizer, loss_cfg, grad_accum_steps=opt_cfg.grad_accum_steps)

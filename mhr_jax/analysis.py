@@ -45,16 +45,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mhr_jax import cli, losses, models, train_step
 from mhr_jax import config as config_lib
-from mhr_jax import losses, models, train_step
 from mhr_jax.adapters import layers as adapter_layers
 from mhr_jax.adapters import params as params_lib
 from mhr_jax.errors import RunError
 from mhr_jax.logging_utils import banner, log, setup_console
-from mhr_jax.run_checkpoints import (checkpoint_steps, restore_params, write_bytes_atomic, write_json_atomic,
-                                     write_text_atomic)
+from mhr_jax.run_checkpoints import checkpoint_steps, restore_params
+from mhr_jax.storage import write_bytes_atomic, write_json_atomic, write_text_atomic
 
-EXIT_BAD_INPUT = 2
 ADAPTER_LEAVES = ("lora_a", "lora_b", "ia3_scale")
 SHARED_ROUTING = "shared"  # routing_weights_by_layer's key for AdapterConfig.routing="shared"
 MAX_TICK_LABELS = 80       # more tasks than this: label every n-th row only
@@ -64,7 +63,7 @@ _MODULE_RANK = {"encoder": 0, "decoder": 1, "self_attention": 0, "cross_attentio
                 "q": 0, "k": 1, "v": 2, "o": 3, "wi": 4, "wi_0": 5, "wi_1": 6, "wo": 7}
 
 
-class AnalysisError(Exception):
+class AnalysisError(RunError):
   """Input the user can fix (run directory, checkpoint, flags); the message is one line."""
 
 
@@ -411,44 +410,44 @@ def plotted_layers(layers: Sequence[str]) -> list[str]:
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m mhr_jax.analysis", description=__doc__.split("\n")[0])
   parser.add_argument("--run_dir", required=True,
-                      help="pre-training run directory (config.gin, checkpoints/)")
+                      help="pre-training run directory (config.gin, run_config.json, checkpoints/)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/analysis)")
   parser.add_argument("--grad_batches", type=int, default=4, help="batches per task for the gradients")
   parser.add_argument("--batch_size", type=int, default=8, help="examples per gradient batch")
-  args = parser.parse_args(list(argv))
-  if args.grad_batches < 1:
-    raise AnalysisError(f"--grad_batches={args.grad_batches}: must be >= 1")
-  if args.batch_size < 1:
-    raise AnalysisError(f"--batch_size={args.batch_size}: must be >= 1")
-  return args
+  return parser.parse_args(list(argv))
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[str, int, str]:
-  """(run_dir, step, out) after checking the run directory, its checkpoints and --step; writes nothing."""
-  run_dir = os.path.abspath(args.run_dir)
+def check_inputs(run_dir: str, step: int | None, out: str | None, grad_batches: int, batch_size: int
+                 ) -> tuple[str, int, str]:
+  """(run_dir, step, out) after checking the run directory, its checkpoints and the step; writes nothing."""
+  if grad_batches < 1:
+    raise AnalysisError(f"--grad_batches={grad_batches}: must be >= 1")
+  if batch_size < 1:
+    raise AnalysisError(f"--batch_size={batch_size}: must be >= 1")
+  given = run_dir
+  run_dir = os.path.abspath(run_dir)
   if not os.path.isdir(run_dir):
-    raise AnalysisError(f"--run_dir={args.run_dir}: no such directory")
+    raise AnalysisError(f"--run_dir={given}: no such directory")
   if not os.path.isfile(os.path.join(run_dir, "config.gin")):
-    raise AnalysisError(f"--run_dir={args.run_dir}: no config.gin there (not a run directory)")
+    raise AnalysisError(f"--run_dir={given}: no config.gin there (not a run directory)")
   checkpoints = os.path.join(run_dir, "checkpoints")
   steps = checkpoint_steps(checkpoints)
   if not steps:
-    raise AnalysisError(f"--run_dir={args.run_dir}: no checkpoint in {checkpoints}")
-  step = steps[-1] if args.step is None else args.step
-  if step not in steps:
-    raise AnalysisError(f"--step={args.step}: no such checkpoint in {checkpoints} (steps: {steps})")
-  out = os.path.abspath(args.out) if args.out else os.path.join(run_dir, "analysis")
+    raise AnalysisError(f"--run_dir={given}: no checkpoint in {checkpoints}")
+  chosen = steps[-1] if step is None else step
+  if chosen not in steps:
+    raise AnalysisError(f"--step={step}: no such checkpoint in {checkpoints} (steps: {steps})")
+  out = os.path.abspath(out) if out else os.path.join(run_dir, "analysis")
   if os.path.exists(out) and not os.path.isdir(out):
-    raise AnalysisError(f"--out={args.out}: exists and is not a directory")
-  return run_dir, step, out
+    raise AnalysisError(f"--out={out}: exists and is not a directory")
+  return run_dir, chosen, out
 
 
 def load_config(run_dir: str) -> config_lib.ExperimentConfig:
-  """The run's ExperimentConfig from RUN_DIR/config.gin, with RunConfig.model_dir set to run_dir (so a
-  moved run directory still finds its own files, e.g. the synthetic data)."""
-  cfg, _ = config_lib.load_run_config([os.path.join(run_dir, "config.gin")],
-                                      [f"RunConfig.model_dir = {run_dir!r}"])
+  """The run's ExperimentConfig from its run_config.json (RunConfig.model_dir = run_dir, so a moved run
+  directory still finds its own files, e.g. the synthetic data)."""
+  cfg = config_lib.read_run_config(run_dir)
   if cfg.run.mode != "pretrain":
     raise AnalysisError(f"--run_dir={run_dir}: RunConfig.mode={cfg.run.mode!r}; give a pre-training run "
                         "directory")
@@ -457,11 +456,14 @@ def load_config(run_dir: str) -> config_lib.ExperimentConfig:
   return cfg
 
 
-def run(args: argparse.Namespace) -> int:
-  """Everything after flag parsing; returns the exit status."""
+def analyze(run_dir: str, step: int | None = None, out: str | None = None, grad_batches: int = 4,
+            batch_size: int = 8) -> dict:
+  """The analysis of one pre-training run (what `python -m mhr_jax.analysis` runs): writes its files into
+  `out` (default RUN_DIR/analysis) and returns what analysis.json holds. AnalysisError / ConfigError for
+  input the user can fix, before anything is written."""
   start_time = time.time()
   banner("setup")
-  run_dir, step, out = check_inputs(args)
+  run_dir, step, out = check_inputs(run_dir, step, out, grad_batches, batch_size)
   cfg = load_config(run_dir)
   acfg = cfg.model.adapter
   log.info("run %s, checkpoint %d; adapter %s (K=%d, S=%d); output: %s", run_dir, step, acfg.kind,
@@ -469,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
 
   banner("data")
   from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  registration, _ = data.register_data(cfg)
+  registration, _ = data.register_data(cfg.data, cfg.default_data_dir, vocab_size=cfg.model.vocab_size)
   names = list(registration.mixtures.get(cfg.data.task, ()))
   if len(names) < 2:
     raise AnalysisError(f"DataConfig.task={cfg.data.task!r}: the analysis compares the tasks of a "
@@ -524,10 +526,10 @@ def run(args: argparse.Namespace) -> int:
   leaves = gradient_leaves(cfg, params)
   n_params = sum(int(np.prod(_flat(params)[p].shape)) for p in leaves)
   log.info("gradients of %d %s parameters for %d tasks x %d batches x %d examples (%.1f MB on the host)",
-           n_params, gradient_group(cfg), len(names), args.grad_batches, args.batch_size,
+           n_params, gradient_group(cfg), len(names), grad_batches, batch_size,
            4 * n_params * len(names) / 1e6)
   grads = task_gradients(cfg.model.replace(scan_layers=False), cfg.loss, params, leaves,
-                         [task_batches_for(cfg, registration.tasks[n], args.grad_batches, args.batch_size)
+                         [task_batches_for(cfg, registration.tasks[n], grad_batches, batch_size)
                           for n in names])
   alignment = gradient_alignment(grads)
   if not np.all(np.isfinite(alignment["matrix"])):
@@ -537,8 +539,8 @@ def run(args: argparse.Namespace) -> int:
   report = {"mean_pairwise_cosine": _json_float(mean_cos),
             "per_layer_mean": {k: _json_float(v) for k, v in alignment["per_layer_mean"].items()},
             "matrix": [[_json_float(v) for v in row] for row in alignment["matrix"]],
-            "tasks": names, "task_ids": task_ids, "step": step, "grad_batches": args.grad_batches,
-            "batch_size": args.batch_size, "parameters": gradient_group(cfg), "n_parameters": n_params,
+            "tasks": names, "task_ids": task_ids, "step": step, "grad_batches": grad_batches,
+            "batch_size": batch_size, "parameters": gradient_group(cfg), "n_parameters": n_params,
             "n_layers": len(grads)}
   files["gradient_alignment_json"] = os.path.join(out, "gradient_alignment.json")
   write_json_atomic(files["gradient_alignment_json"], report)
@@ -555,31 +557,23 @@ def run(args: argparse.Namespace) -> int:
 
   banner("results")
   files["analysis"] = os.path.join(out, "analysis.json")
-  write_json_atomic(files["analysis"], {
-      "run_dir": run_dir, "step": step, "adapter_kind": acfg.kind, "n_tasks": len(names), "tasks": names,
-      "task_ids": task_ids, "adapted_layers": len(layers), "routed": bool(weights),
-      "mean_pairwise_gradient_cosine": _json_float(mean_cos), "files": files,
-      "wall_time_s": time.time() - start_time, **summary})
+  summary = {"run_dir": run_dir, "step": step, "adapter_kind": acfg.kind, "n_tasks": len(names), "tasks": names,
+             "task_ids": task_ids, "adapted_layers": len(layers), "routed": bool(weights),
+             "mean_pairwise_gradient_cosine": _json_float(mean_cos), "files": files,
+             "wall_time_s": time.time() - start_time, **summary}
+  write_json_atomic(files["analysis"], summary)
   log.info("analysis of %s step %d: %s", run_dir, step, files["analysis"])
-  return 0
-
-
-def analyze(run_dir: str, step: int | None = None, out: str | None = None, grad_batches: int = 4,
-            batch_size: int = 8) -> int:
-  """The analysis of one pre-training run (what `python -m mhr_jax.analysis` runs); returns 0."""
-  return run(argparse.Namespace(run_dir=run_dir, step=step, out=out, grad_batches=grad_batches,
-                                batch_size=batch_size))
+  return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    args = parse_flags(argv)
+  """`python -m mhr_jax.analysis`: flags -> `analyze`; exit status 0, or 2 with one `error:` line."""
+  def body() -> int:
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
     setup_console()
-    return run(args)
-  except (AnalysisError, config_lib.ConfigError, RunError, FileNotFoundError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
+    analyze(args.run_dir, args.step, args.out, args.grad_batches, args.batch_size)
+    return 0
+  return cli.guarded(body)
 
 
 if __name__ == "__main__":

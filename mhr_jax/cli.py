@@ -16,8 +16,7 @@ from typing import Callable
 
 import jax
 
-from mhr_jax import config as config_lib
-from mhr_jax.errors import NonFiniteLoss, RunError
+from mhr_jax.errors import ConfigError, NonFiniteLoss, RunError
 from mhr_jax.logging_utils import setup_console
 
 EXIT_OK = 0
@@ -52,7 +51,7 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
     if arg.startswith("--gin."):
       key, sep, value = arg[len("--gin."):].partition("=")
       if not sep:
-        raise config_lib.ConfigError(f"{arg}: expected --gin.KEY=VALUE")
+        raise ConfigError(f"{arg}: expected --gin.KEY=VALUE")
       arg = f"--gin_bindings={key} = {value}"
     rewritten.append(arg)
   args = parser.parse_args(rewritten)
@@ -68,7 +67,7 @@ def init_distributed(args: argparse.Namespace) -> None:
   if not (explicit or args.multihost):
     return
   if explicit and None in (args.coordinator_address, args.num_processes, args.process_id):
-    raise config_lib.ConfigError(
+    raise ConfigError(
         "multi-host: give all of --coordinator_address, --num_processes and --process_id "
         "(or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
   if os.environ.get("JAX_PLATFORMS", "") == "cpu":
@@ -87,14 +86,22 @@ def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], in
   Errors the user can fix end the process with one `error:` line on stderr.
   """
   argv = sys.argv[1:] if argv is None else argv
-  try:
+
+  def body() -> int:
     args = parse_flags(parser, argv)
     init_distributed(args)
     setup_console()  # tags lines with the process index: after jax.distributed is up
     return run(args)
+  return guarded(body)
+
+
+def guarded(body: Callable[[], int]) -> int:
+  """body()'s exit status; an error the user can fix becomes one `error:` line on stderr and its status."""
+  try:
+    return body()
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_NONFINITE
-  except (config_lib.ConfigError, RunError, FileNotFoundError) as e:
+  except (ConfigError, RunError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     return EXIT_CONFIG_ERROR

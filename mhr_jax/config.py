@@ -12,27 +12,31 @@ Bindable (gin selector names):
 T5X-style macros (`MODEL_DIR`, `TRAIN_STEPS`) are ordinary gin macros that the config files use.
 Errors are ConfigError (a ValueError) with one line naming the file, flag or key.
 
-`load_run_config` turns gin files and flags into one checked `ExperimentConfig`; with a gin scope
-(e.g. "pretrain") bindings written `pretrain/OptimizerConfig.adapter_lr = ...` take precedence, which
-is how one experiment file configures its stages. `to_gin` writes a config back as explicit bindings.
+`load_run_config` turns gin files and flags into one checked `ExperimentConfig`. `load_config` builds one
+from gin already parsed, with a gin scope (e.g. "pretrain": bindings written `pretrain/OptimizerConfig.
+adapter_lr = ...` take precedence, which is how one experiment file configures its stages) and with values
+given as arguments, which win over every binding (a stage's own settings). `to_gin` writes a config back as
+explicit bindings. A run directory records its settings as data (`write_run_files`: config.gin and
+run_config.json); `saved_model_config` / `read_run_config` read them back.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 
-from mhr_jax.adapters import params as params_lib
+from mhr_jax.adapters import methods
 from mhr_jax.adapters.config import AdapterConfig
+from mhr_jax.errors import ConfigError
 from mhr_jax.losses import LossConfig
 from mhr_jax.models.config import T5Config, preset
 from mhr_jax.optim import OptimizerConfig
 from mhr_jax.partitioning import MeshConfig
+from mhr_jax.storage import check_local_paths, read_json, write_json_atomic, write_text_atomic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("pretrain", "adapt")
@@ -42,12 +46,8 @@ PROMPTS = ("tk_instruct", "definition", "input_only")
 T0_CAPS = ("authors", "t0")
 SELECT_METRICS = ("rougeL", "loss")
 INIT_TRANSFORMS = ("mu",)
-# The gin sections that fix the parameter tree; a run directory refuses a config that changes them.
-MODEL_SECTIONS = ("ModelConfig", "AdapterConfig")
-
-
-class ConfigError(ValueError):
-  """A bad configuration value, file or flag; the message is one line naming it."""
+# What a run directory records of its settings, as data: later stages read it instead of gin text.
+RUN_RECORD = "run_config.json"
 
 
 # Configurables owned elsewhere: calls through these apply gin bindings and return plain instances.
@@ -61,16 +61,6 @@ def _check(checks: Sequence[tuple[bool, str]]) -> None:
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)
-
-
-def check_local_paths(section: str, obj, names: Sequence[str]) -> None:
-  """ConfigError for a URL (gs://...) in a path field: run directories and data are read and written with
-  POSIX file calls, and os.path would quietly turn 'gs://b/x' into a local folder 'gs:/b/x'."""
-  for name in names:
-    value = getattr(obj, name)
-    if isinstance(value, str) and "://" in value:
-      raise ConfigError(f"{section}.{name}={value!r}: URLs are not read directly; mount the bucket (e.g. "
-                        "gcsfuse) and give its local path (launch/README.md)")
 
 
 @gin.configurable
@@ -269,11 +259,12 @@ class AdaptConfig:
   match), T0 by rank classification of every original-task template (accuracy; median over templates).
 
   Attributes:
-    method: one of adapters.params.METHODS. poly/mhr: a fresh routing row per new task, routing
-      and adapters train; *-z: only the new routing row trains; *-mu: the skills averaged into one
-      LoRA, which trains; lora, ia3, private_lora: those baselines; full: every weight. The
-      pre-trained adapter kind must fit (adapters.params.METHOD_TABLE "starts_from"); from a plain
-      base (kind "none", or RunConfig.init_checkpoint) the AdapterConfig describes a fresh adapter.
+    method: one of adapters.methods.METHODS, whose record says what trains and where a pair starts
+      (poly/mhr: a fresh routing row per new task, routing and adapters train; *-z: only the new
+      routing row trains; *-mu: the skills averaged into one LoRA, which trains; lora, ia3,
+      private_lora: those baselines; full: every weight). AdapterConfig.kind must be one the record
+      `adapts`; from a plain base (kind "none", or RunConfig.init_checkpoint) a method that allows
+      `control` starts from a fresh adapter that AdapterConfig describes.
     tasks: SuperNI-format sources: task names (as in the data's task list); T0: held-out dataset
       names of the catalog (e.g. "super_glue/rte"). Empty: every test task / held-out dataset.
     shots: training examples per task (k) for SuperNI-format sources; one of the few-shot splits the
@@ -301,8 +292,8 @@ class AdaptConfig:
     object.__setattr__(self, "tasks", tuple(self.tasks))
     object.__setattr__(self, "seeds", tuple(self.seeds))
     _check([
-        (self.method in params_lib.METHODS,
-         f"AdaptConfig.method={self.method!r}: expected one of {params_lib.METHODS}"),
+        (self.method in methods.METHODS,
+         f"AdaptConfig.method={self.method!r}: expected one of {methods.METHODS}"),
         (self.select_metric in SELECT_METRICS,
          f"AdaptConfig.select_metric={self.select_metric!r}: expected one of {SELECT_METRICS}"),
         (self.shots >= 1, f"AdaptConfig.shots={self.shots}: must be >= 1"),
@@ -324,6 +315,11 @@ class ExperimentConfig:
   mesh: MeshConfig
   run: RunConfig
   adapt: AdaptConfig
+
+  @property
+  def default_data_dir(self) -> str:
+    """Where a run writes the synthetic suite when DataConfig.data_dir is unset."""
+    return os.path.join(self.run.model_dir, "synthetic_data")
 
 
 def one_line(e: BaseException) -> str:
@@ -348,8 +344,6 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   directory, then the repository root (so `configs/tiny.gin` works from anywhere).
   Raises ConfigError naming the file or binding that failed.
   """
-  # Registers `Experiment`, so experiment files parse wherever configs are read (a cycle at import time).
-  from mhr_jax import experiment_plan  # pylint: disable=g-import-not-at-top,unused-import
   gin.clear_config()
   prefixes = (*search_paths, os.getcwd(), REPO_ROOT)
   for prefix in prefixes:
@@ -394,43 +388,63 @@ def _build_model(model_cfg: ModelConfig, adapter: AdapterConfig, base: T5Config 
   return base.replace(adapter=adapter, **overrides)
 
 
-def load_config(base_model: T5Config | None = None) -> ExperimentConfig:
-  """Instantiates every config dataclass from the parsed gin config (see `parse_gin`).
+# The gin-bound sections of a run's config: {argument name of `load_config`: (gin name, configurable)}.
+SECTIONS: dict[str, tuple[str, Any]] = {
+    "model": ("ModelConfig", ModelConfig), "adapter": ("AdapterConfig", _ADAPTER),
+    "data": ("DataConfig", DataConfig), "loss": ("LossConfig", _LOSS),
+    "optimizer": ("OptimizerConfig", _OPTIMIZER), "mesh": ("MeshConfig", _MESH),
+    "run": ("RunConfig", RunConfig), "adapt": ("AdaptConfig", AdaptConfig)}
+
+
+def load_config(base_model: T5Config | None = None, **explicit: Mapping[str, Any]) -> ExperimentConfig:
+  """Instantiates every config dataclass from the parsed gin config (see `parse_gin`), and checks it.
 
   Called inside `gin.config_scope(scope)`, a binding `scope/Key.param` wins over `Key.param`.
   Args:
     base_model: the architecture of RunConfig.init_checkpoint when there is one (then
       ModelConfig.preset is not used).
+    explicit: per section of SECTIONS, {field: value} passed to its dataclass as arguments, which win over
+      every gin binding: how the experiment plan sets a stage's own settings without writing gin text.
   Raises ConfigError with the offending key.
   """
+  unknown = sorted(set(explicit) - set(SECTIONS))
+  if unknown:
+    raise ValueError(f"load_config: unknown section(s) {unknown}; expected some of {sorted(SECTIONS)}")
   try:
-    model_cfg = ModelConfig()
-    adapter = _ADAPTER()
-    model = _build_model(model_cfg, adapter, base_model)
-    cfg = ExperimentConfig(model_cfg=model_cfg, model=model, data=DataConfig(), loss=_LOSS(),
-                           optimizer=_OPTIMIZER(), mesh=_MESH(), run=RunConfig(),
-                           adapt=AdaptConfig())
+    values = {name: factory(**dict(explicit.get(name, {}))) for name, (_, factory) in SECTIONS.items()}
+    model = _build_model(values["model"], values["adapter"], base_model)
   except (ValueError, TypeError) as e:  # gin adds context lines to errors raised in calls
     raise ConfigError(one_line(e)) from None
-  kind = cfg.model.adapter.kind
+  cfg = ExperimentConfig(model_cfg=values["model"], model=model, data=values["data"], loss=values["loss"],
+                         optimizer=values["optimizer"], mesh=values["mesh"], run=values["run"],
+                         adapt=values["adapt"])
+  check_config(cfg)
+  return cfg
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+  """The rules that span sections (each section checks its own values); ConfigError names the key."""
+  kind, adapter = cfg.model.adapter.kind, cfg.model.adapter
   if cfg.run.mode == "adapt":
-    method = params_lib.method_info(cfg.adapt.method)
-    # A plain base ("none") is only adapted by full fine-tuning; every other kind must be one the
-    # method starts from (pre-trained, or fresh on a base).
-    if kind not in method.starts_from or (kind == "none" and cfg.adapt.method != "full"):
-      allowed = tuple(k for k in method.starts_from if k != "none" or cfg.adapt.method == "full")
-      raise ConfigError(f"AdaptConfig.method={cfg.adapt.method!r} adapts an adapter of kind {allowed}, "
+    method = methods.get(cfg.adapt.method)
+    if not method.accepts(kind):
+      raise ConfigError(f"AdaptConfig.method={cfg.adapt.method!r} adapts an adapter of kind {method.adapts}, "
                         f"not AdapterConfig.kind={kind!r}")
-  if cfg.run.mode == "pretrain" and cfg.model.adapter.anneal_steps > cfg.run.train_steps:
-    raise ConfigError(f"AdapterConfig.anneal_steps={cfg.model.adapter.anneal_steps} exceeds "
+  pretraining = cfg.run.mode == "pretrain"
+  if pretraining and adapter.anneal_steps > cfg.run.train_steps:
+    raise ConfigError(f"AdapterConfig.anneal_steps={adapter.anneal_steps} exceeds "
                       f"RunConfig.train_steps={cfg.run.train_steps}")
-  if cfg.run.mode == "pretrain" and cfg.model.adapter.uses_task_ids and cfg.model.adapter.n_tasks < 2:
-    raise ConfigError(f"AdapterConfig.n_tasks={cfg.model.adapter.n_tasks}: multi-task "
-                      f"pre-training of kind {cfg.model.adapter.kind!r} needs one row per task")
+  if pretraining and adapter.uses_task_ids and adapter.n_tasks < 2:
+    raise ConfigError(f"AdapterConfig.n_tasks={adapter.n_tasks}: multi-task "
+                      f"pre-training of kind {kind!r} needs one row per task")
+  known = cfg.data.source == "synthetic" and cfg.data.task == "synthetic_train"
+  if pretraining and adapter.uses_task_ids and known and adapter.n_tasks < cfg.data.synthetic_train_tasks:
+    raise ConfigError(f"AdapterConfig.n_tasks={adapter.n_tasks} but the synthetic suite has "
+                      f"DataConfig.synthetic_train_tasks={cfg.data.synthetic_train_tasks} training tasks; set "
+                      f"AdapterConfig.n_tasks={cfg.data.synthetic_train_tasks}")
   if cfg.run.init_transform == "mu" and kind != "lora":
     raise ConfigError(f"RunConfig.init_transform='mu' makes a plain LoRA: set AdapterConfig.kind='lora', "
                       f"not {kind!r}")
-  return cfg
 
 
 def hf_architecture(init_checkpoint: str) -> T5Config:
@@ -444,6 +458,14 @@ def hf_architecture(init_checkpoint: str) -> T5Config:
       return hf_t5.config_from_hf(json.load(f), path)
   except ValueError as e:  # includes json.JSONDecodeError
     raise ConfigError(f"RunConfig.init_checkpoint: {e}") from None
+
+
+def resolve_config(**explicit: Mapping[str, Any]) -> ExperimentConfig:
+  """`load_config`, with the architecture of RunConfig.init_checkpoint when one is set."""
+  cfg = load_config(**explicit)
+  if cfg.run.init_checkpoint:
+    cfg = load_config(base_model=hf_architecture(cfg.run.init_checkpoint), **explicit)
+  return cfg
 
 
 def load_run_config(gin_files: Sequence[str], bindings: Sequence[str] = (),
@@ -460,11 +482,9 @@ def load_run_config(gin_files: Sequence[str], bindings: Sequence[str] = (),
   """
   parse_gin(gin_files, bindings, search_paths)
   with gin.config_scope(scope):
-    cfg = load_config()
-    if cfg.run.init_checkpoint:
-      cfg = load_config(base_model=hf_architecture(cfg.run.init_checkpoint))
+    cfg = resolve_config()
   text = operative_config() if scope is None else to_gin(cfg)
-  check_run_dir(cfg.run.model_dir, text)
+  check_run_dir(cfg.run.model_dir, cfg)
   return cfg, text
 
 
@@ -472,7 +492,7 @@ def param_rules(cfg: ExperimentConfig) -> list[tuple[str, str]]:
   """Which parameters pre-training trains: RunConfig.param_rules, else the adapter kind's rules."""
   if cfg.run.param_rules is not None:
     return [tuple(rule) for rule in cfg.run.param_rules]
-  return params_lib.default_rules(params_lib.pretraining_method(cfg.model.adapter.kind))
+  return list(methods.pretraining_rules(cfg.model.adapter.kind))
 
 
 def build_mesh(cfg: ExperimentConfig):
@@ -500,8 +520,9 @@ def build_mesh(cfg: ExperimentConfig):
   return mesh
 
 
-_SECTIONS = ("ModelConfig", "AdapterConfig", "DataConfig", "LossConfig", "OptimizerConfig", "MeshConfig",
-             "RunConfig", "AdaptConfig")
+def _sections_of(cfg: ExperimentConfig) -> dict[str, Any]:
+  return {"model": cfg.model_cfg, "adapter": cfg.model.adapter, "data": cfg.data, "loss": cfg.loss,
+          "optimizer": cfg.optimizer, "mesh": cfg.mesh, "run": cfg.run, "adapt": cfg.adapt}
 
 
 def to_gin(cfg: ExperimentConfig, header: str = "") -> str:
@@ -510,14 +531,11 @@ def to_gin(cfg: ExperimentConfig, header: str = "") -> str:
   Parsing the text back (`parse_gin`, no scope) gives an equal ExperimentConfig, so a stage of an
   experiment can be rerun alone with `python -m mhr_jax.train --gin_file=<its config.gin>`.
   """
-  sections = {"ModelConfig": cfg.model_cfg, "AdapterConfig": cfg.model.adapter, "DataConfig": cfg.data,
-              "LossConfig": cfg.loss, "OptimizerConfig": cfg.optimizer, "MeshConfig": cfg.mesh,
-              "RunConfig": cfg.run, "AdaptConfig": cfg.adapt}
   lines = [f"# {line}".rstrip() for line in header.splitlines()]
-  for name in _SECTIONS:
-    lines += ["", f"# Parameters for {name}:"]
-    value = sections[name]
-    lines += [f"{name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
+  for name, value in _sections_of(cfg).items():
+    gin_name = SECTIONS[name][0]
+    lines += ["", f"# Parameters for {gin_name}:"]
+    lines += [f"{gin_name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
   return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -528,79 +546,95 @@ def operative_config() -> str:
   return re.sub(r"(?m)^# =+$", "# " + "=" * 78, text)
 
 
-def model_section(config_text: str, sections: Sequence[str] = MODEL_SECTIONS) -> dict[str, str]:
-  """{binding key: value text} of the `sections` bindings (default ModelConfig / AdapterConfig),
-  macros substituted.
-
-  Args:
-    config_text: a config as MODEL_DIR/config.gin holds it (`operative_config()` or `to_gin`).
-  """
-  macros, section = {}, {}
-  for line in config_text.splitlines():
-    match = re.match(r"^([\w./]+)\s*=\s*(.*)$", line)
-    if not match:
-      continue
-    key, value = match.groups()
-    if "." not in key:
-      macros[key] = value
-    elif key.split(".")[0] in sections:
-      section[key] = value
-  substitute = lambda m: macros.get(m.group(1), m.group(0))  # noqa: E731
-  for _ in range(8):  # macros may refer to macros
-    section = {k: re.sub(r"%([\w.]+)", substitute, v) for k, v in section.items()}
-  return section
+# ============================================================================== run directories
 
 
-def _value(text: str | None):
-  """A binding's value as a Python literal when it is one (gin and `to_gin` format them alike up to
-  spacing and quotes), else its text."""
-  if text is None:
-    return None
+def write_run_files(cfg: ExperimentConfig, config_text: str) -> None:
+  """MODEL_DIR/config.gin (the text that reruns the run) and MODEL_DIR/run_config.json (its settings as
+  data, which later stages and the analysis read), each atomically."""
+  record = {name: dataclasses.asdict(value) for name, value in _sections_of(cfg).items()}
+  record["architecture"] = dataclasses.asdict(cfg.model)
+  write_text_atomic(os.path.join(cfg.run.model_dir, "config.gin"), config_text)
+  write_json_atomic(os.path.join(cfg.run.model_dir, RUN_RECORD), record)
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the config dataclasses hold (dicts stay dicts)."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def _read_record(run_dir: str) -> dict:
+  path = os.path.join(run_dir, RUN_RECORD)
+  record = read_json(path)
+  if record is None:
+    what = ("a run written without it by an older mhr-jax" if os.path.isfile(os.path.join(run_dir, "config.gin"))
+            else "not a run directory")
+    raise ConfigError(f"{run_dir}: no {RUN_RECORD} there ({what})")
+  return record
+
+
+def saved_model_config(run_dir: str) -> T5Config:
+  """The model (with its adapter) a run directory was trained with, from its run_config.json."""
+  record = _read_record(run_dir)
   try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text.strip()
+    return T5Config(**_tuples(record["architecture"]))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{os.path.join(run_dir, RUN_RECORD)}: architecture: {e}") from None
 
 
 def saved_adapter_config(run_dir: str) -> AdapterConfig:
-  """The AdapterConfig a run directory's config.gin was written with (defaults for unset fields)."""
-  path = os.path.join(run_dir, "config.gin")
-  if not os.path.isfile(path):
-    raise ConfigError(f"{run_dir}: no config.gin there (not a run directory)")
-  with open(path) as f:
-    section = model_section(f.read())
-  fields = {f.name for f in dataclasses.fields(AdapterConfig)}
-  values = {}
-  for key, text in section.items():
-    name, _, attr = key.partition(".")
-    if name == "AdapterConfig" and attr in fields:
-      values[attr] = _value(text)
-  try:
-    return AdapterConfig(**values)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"{path}: AdapterConfig: {e}") from None
+  """The AdapterConfig a run directory was trained with."""
+  return saved_model_config(run_dir).adapter
 
 
-def check_run_dir(model_dir: str, config_text: str, fix: str = "use a new MODEL_DIR",
-                  sections: Sequence[str] = MODEL_SECTIONS) -> None:
-  """ConfigError when `model_dir` holds a run whose model/adapter config differs from this one.
+def read_run_config(run_dir: str) -> ExperimentConfig:
+  """Every setting of a run directory, from its run_config.json, with RunConfig.model_dir = run_dir (so a
+  moved run directory still finds its own files, e.g. the synthetic data)."""
+  record = _tuples(_read_record(run_dir))
+  try:  # every field is given, so no gin binding of this process applies
+    values = {name: factory(**record[name]) for name, (_, factory) in SECTIONS.items()}
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{os.path.join(run_dir, RUN_RECORD)}: {one_line(e)}") from None
+  values["run"] = dataclasses.replace(values["run"], model_dir=run_dir)
+  return ExperimentConfig(model_cfg=values["model"], model=saved_model_config(run_dir), data=values["data"],
+                          loss=values["loss"], optimizer=values["optimizer"], mesh=values["mesh"],
+                          run=values["run"], adapt=values["adapt"])
 
-  Compares the `sections` bindings (default ModelConfig and AdapterConfig) of MODEL_DIR/config.gin
-  with `config_text`; a run directory without config.gin is fresh.
+
+def check_run_dir(model_dir: str, cfg: ExperimentConfig, fix: str = "use a new MODEL_DIR",
+                  architecture_only: bool = False) -> None:
+  """ConfigError when `model_dir` holds a run whose model (and adapter) differs from `cfg.model`.
+
+  A directory without config.gin is fresh. `architecture_only`: compare the base model only (a fresh
+  adapter on that run's base).
   """
-  path = os.path.join(model_dir, "config.gin")
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(model_dir, "config.gin")):
     return
-  with open(path) as f:
-    saved = model_section(f.read(), sections)
-  current = model_section(config_text, sections)
-  diffs = sorted(k for k in set(saved) | set(current) if _value(saved.get(k)) != _value(current.get(k)))
+  saved, current = saved_model_config(model_dir), cfg.model
+  if architecture_only:
+    saved, current = saved.replace(adapter=AdapterConfig()), current.replace(adapter=AdapterConfig())
+  diffs = _differences(dataclasses.asdict(saved), dataclasses.asdict(current))
   if diffs:
-    key = diffs[0]
+    key, before, now = diffs[0]
     raise ConfigError(
-        f"{model_dir} holds a run with a different model/adapter config ({key}: saved "
-        f"{saved.get(key, '<unset>')}, now {current.get(key, '<unset>')}"
+        f"{model_dir} holds a run with a different model/adapter config ({key}: saved {before!r}, now {now!r}"
         f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); {fix}")
+
+
+def _differences(saved: dict, current: dict, prefix: str = "T5Config") -> list[tuple[str, Any, Any]]:
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key), current.get(key)
+    name = "AdapterConfig" if key == "adapter" else f"{prefix}.{key}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, name)
+    elif _tuples(a) != _tuples(b):
+      out.append((name, a, b))
+  return out
 
 
 def describe(cfg: ExperimentConfig) -> dict[str, Any]:

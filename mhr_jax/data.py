@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mhr_jax.errors import ConfigError
+
 
 @contextlib.contextmanager
 def _quiet_native_stderr():
@@ -517,27 +519,26 @@ def choice_train_batches(mixture_or_task_name: str, split: str, batch_size: int,
 # ---------------------------------------------------------------- a run's data
 
 
-def register_data(cfg, **fewshot):
-  """Registers the SeqIO tasks of DataConfig.source for a run; returns (Registration, vocabulary).
+def register_data(d, default_dir: str, vocab_size: int | None = None, **fewshot):
+  """Registers the SeqIO tasks of DataConfig.source; returns (Registration, vocabulary).
 
   Args:
-    cfg: config.ExperimentConfig.
+    d: the run's config.DataConfig.
+    default_dir: where the synthetic suite is written when DataConfig.data_dir is unset.
+    vocab_size: the model's; ConfigError before anything is written when the vocabulary has more ids.
     fewshot: fewshot_seeds (all sources) and fewshot_ks (SuperNI-format sources) of the adaptation
       splits to register.
-  Raises config.ConfigError when the vocabulary or the task ids do not fit the model.
   """
-  from mhr_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   from tasks import superni  # pylint: disable=g-import-not-at-top
-  d = cfg.data
   vocabulary = get_vocabulary(d.vocabulary)
-  if vocabulary.vocab_size > cfg.model.vocab_size:
+  if vocab_size is not None and vocabulary.vocab_size > vocab_size:
     raise ConfigError(f"DataConfig.vocabulary={d.vocabulary!r} has {vocabulary.vocab_size} ids but the "
-                      f"model's vocab_size is {cfg.model.vocab_size}")
+                      f"model's vocab_size is {vocab_size}")
   lists = {"task_list_files": (d.test_task_list,)} if d.test_task_list else {}
   input_format = superni.InputFormat(d.input_prompt, d.num_pos_examples, d.input_len)
   if d.source == "synthetic":
     from tasks import synthetic  # pylint: disable=g-import-not-at-top
-    out = d.data_dir or os.path.join(cfg.run.model_dir, "synthetic_data")
+    out = d.data_dir or default_dir
     # Deterministic files written atomically: every process may write them.
     registration = synthetic.register_synthetic(
         out, vocabulary, n_train_tasks=d.synthetic_train_tasks, n_test_tasks=d.synthetic_test_tasks,
@@ -553,36 +554,40 @@ def register_data(cfg, **fewshot):
     seeds = fewshot.get("fewshot_seeds")
     registration = t0.register_t0(d.data_dir, vocabulary, catalog_path=d.catalog or t0.CATALOG,
                                   fewshot_seeds=None if seeds is None else tuple(seeds), cap_rule=d.t0_cap)
-  names = registration.mixtures.get(d.task, ())
-  ids = [registration.task_ids[n] for n in names if n in registration.task_ids]
-  adapter = cfg.model.adapter
-  if cfg.run.mode == "pretrain" and ids and adapter.uses_task_ids and max(ids) >= adapter.n_tasks:
-    raise ConfigError(f"AdapterConfig.n_tasks={adapter.n_tasks} but {d.task} has task ids up to {max(ids)}; "
-                      f"set AdapterConfig.n_tasks={max(ids) + 1}")
-  log.info("data: %s/%s, %d tasks, vocabulary %s (%d ids)", d.task, d.split, len(names) or 1, d.vocabulary,
-           vocabulary.vocab_size)
+  log.info("data: %s/%s, %d tasks, vocabulary %s (%d ids)", d.task, d.split,
+           len(registration.mixtures.get(d.task, ())) or 1, d.vocabulary, vocabulary.vocab_size)
   return registration, vocabulary
 
 
-def heldout_tasks(cfg, registration) -> list[str]:
+def check_task_rows(d, registration, task_rows: int) -> None:
+  """ConfigError when DataConfig.task has task ids beyond the `task_rows` routing rows (or private
+  adapters) of a model trained multi-task on it."""
+  names = registration.mixtures.get(d.task, ())
+  ids = [registration.task_ids[n] for n in names if n in registration.task_ids]
+  if ids and max(ids) >= task_rows:
+    raise ConfigError(f"AdapterConfig.n_tasks={task_rows} but {d.task} has task ids up to {max(ids)}; "
+                      f"set AdapterConfig.n_tasks={max(ids) + 1}")
+
+
+def heldout_tasks(d, registration) -> list[str]:
   """The held-out tasks adaptation uses by default (SuperNI-format sources): those of
   DataConfig.test_task_list, else of the source's test mixture."""
-  if cfg.data.test_task_list:
+  if d.test_task_list:
     from tasks import seqio_name  # pylint: disable=g-import-not-at-top
-    stem = os.path.splitext(os.path.basename(cfg.data.test_task_list))[0]
-    return list(registration.mixtures[seqio_name(cfg.data.source, stem)])
-  return list(registration.mixtures[f"{cfg.data.source}_test"])
+    stem = os.path.splitext(os.path.basename(d.test_task_list))[0]
+    return list(registration.mixtures[seqio_name(d.source, stem)])
+  return list(registration.mixtures[f"{d.source}_test"])
 
 
-def host_batches(cfg, skip: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """This process's rows of each global training batch, from batch number `skip` on (exact resume).
+def host_batches(d, seed: int, skip: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+  """This process's rows of each global training batch of DataConfig `d`, from batch number `skip` on
+  (exact resume); `seed` orders the data.
 
   DataConfig.host_input "global": every process reads the global stream and keeps its own rows;
   "sharded": each process reads its own shard of every task.
   """
-  d = cfg.data
   local = d.batch_size // process_count
-  common = dict(input_len=d.input_len, target_len=d.target_len, pack=d.pack, seed=cfg.run.seed)
+  common = dict(input_len=d.input_len, target_len=d.target_len, pack=d.pack, seed=seed)
   if d.host_input == "global":
     stream = train_batches(d.task, d.split, d.batch_size, **common)
     take = lambda b: {k: v[process_index * local:(process_index + 1) * local] for k, v in b.items()}  # noqa: E731

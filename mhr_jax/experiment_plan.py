@@ -1,4 +1,4 @@
-"""The experiment's plan: which stages run, in which directories, from which gin scope (no JAX here).
+"""The experiment's plan: which stages run, in which directories, with which settings (no JAX here).
 
 The paper's experiment is a chain of ordinary runs, each a run directory that `python -m mhr_jax.train`
 could have made (T5X chains pretrain.gin -> finetune.gin the same way, by paths):
@@ -12,23 +12,34 @@ could have made (T5X chains pretrain.gin -> finetune.gin the same way, by paths)
   MODEL_DIR/zeroshot/<name>/      held-out evaluation without any task data (0 adaptation steps)
   MODEL_DIR/analysis/<kind>/      routing heatmaps, task similarity, gradient alignment of routed runs
 
-Each stage reads the experiment's gin files under its gin scope, so `pretrain/OptimizerConfig.adapter_lr`
-applies to the pre-training stages only; the stage's own settings (mode, adapter kind, where it starts)
-are bound over them. Scopes: base, pretrain, mu, adapt (adapt, control and zeroshot stages).
+A stage's config is built as objects: the experiment's gin files are parsed once; each stage instantiates
+the config dataclasses under its gin scope (base, pretrain, mu, adapt), so that
+`pretrain/OptimizerConfig.adapter_lr` applies to the pre-training stages only, and passes its own settings
+(mode, adapter kind, where it starts, its directory) as arguments, which win over every binding
+(`Stage.settings`, `config.load_config`). Which pre-training a method needs, and whether it can be a
+control, comes from the method table (adapters.methods).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import gin
 
-from mhr_jax.adapters import params as params_lib
-from mhr_jax.config import ConfigError, check_local_paths
+from mhr_jax import config as config_lib
+from mhr_jax.adapters import methods
+from mhr_jax.adapters.config import KIND_TABLE
+from mhr_jax.errors import ConfigError
+from mhr_jax.storage import check_local_paths
 
-PRETRAIN_KINDS = ("poly", "mhr", "lora", "private_lora", "ia3")
-NO_TASK_ID_KINDS = ("lora", "ia3")  # pre-trained kinds a held-out task can use as they are
+
+
+def _zero_shot_names(pretrain: tuple[str, ...]) -> tuple[str, ...]:
+  """What Experiment.zero_shot may name, given the pre-trained kinds."""
+  plain = [k for k in pretrain if not KIND_TABLE[k].task_ids]   # a held-out task can use them as they are
+  averaged = [f"{k}-mu" for k in pretrain if KIND_TABLE[k].routed]
+  return ("base", *plain, *averaged)
 
 
 @gin.configurable
@@ -40,12 +51,13 @@ class Experiment:
     model_dir: the experiment directory (MODEL_DIR); every stage is a run directory below it.
     base_checkpoint: a Hugging Face T5 directory as the base; None trains one first (stage "base":
       multi-task full fine-tuning on the training tasks, settings under the gin scope "base").
-    pretrain: adapter kinds pre-trained multi-task from the base (PRETRAIN_KINDS).
-    adapt: few-shot methods (adapters.params.METHODS); each starts from the pre-training run of its
-      method's kind (mhr, mhr-z, mhr-mu from "mhr"; full from the base).
-    controls: methods adapted from the base with a fresh adapter, as the no-pre-training control.
-    zero_shot: held-out evaluation with no task data: "base", a pre-trained kind that needs no task
-      id ("lora", "ia3"), or "<kind>-mu" for zero-shot MHR-mu / Poly-mu (the averaged skills, trained
+    pretrain: adapter kinds pre-trained multi-task from the base (adapters.methods.pretrainable_kinds()).
+    adapt: few-shot methods (adapters.methods.METHODS); each starts from the pre-training run of its
+      record's `pretrain_kind` (mhr, mhr-z, mhr-mu from "mhr"; full from the base).
+    controls: methods adapted from the base with a fresh adapter, as the no-pre-training control (those
+      whose record allows `control`).
+    zero_shot: held-out evaluation with no task data: "base", a pre-trained kind without task ids
+      ("lora", "ia3"), or "<kind>-mu" for zero-shot MHR-mu / Poly-mu (the averaged skills, trained
       `mu_steps` more multi-task steps; scope "mu").
     mu_steps: the multi-task steps of each "<kind>-mu" stage.
     analysis: analyse each routed pre-training run (mhr_jax.analysis).
@@ -69,133 +81,144 @@ class Experiment:
     check_local_paths("Experiment", self, ("model_dir", "base_checkpoint"))
     if self.base_checkpoint is not None and not os.path.isdir(self.base_checkpoint):
       raise ConfigError(f"Experiment.base_checkpoint={self.base_checkpoint!r}: no such directory")
+    kinds = methods.pretrainable_kinds()
     for kind in self.pretrain:
-      if kind not in PRETRAIN_KINDS:
-        raise ConfigError(f"Experiment.pretrain: unknown adapter kind {kind!r}; expected some of {PRETRAIN_KINDS}")
+      if kind not in kinds:
+        raise ConfigError(f"Experiment.pretrain: unknown adapter kind {kind!r}; expected some of {kinds}")
     for key in ("adapt", "controls"):
       for method in getattr(self, key):
-        if method not in params_lib.METHODS:
-          raise ConfigError(f"Experiment.{key}: unknown method {method!r}; expected some of {params_lib.METHODS}")
+        if method not in methods.METHOD_TABLE:
+          raise ConfigError(f"Experiment.{key}: unknown method {method!r}; expected some of {methods.METHODS}")
     for method in self.adapt:
-      kind = params_lib.METHOD_TABLE[method].kind
+      kind = methods.METHOD_TABLE[method].pretrain_kind
       if kind != "none" and kind not in self.pretrain:
         raise ConfigError(f"Experiment.adapt: {method!r} adapts a pre-trained {kind!r} adapter; add {kind!r} "
                           f"to Experiment.pretrain")
     for method in self.controls:
-      if "none" not in params_lib.METHOD_TABLE[method].starts_from or method == "full":
+      if not methods.METHOD_TABLE[method].control:
         raise ConfigError(f"Experiment.controls: {method!r} cannot start from a plain base; use one of "
-                          f"{tuple(m for m, i in params_lib.METHOD_TABLE.items() if 'none' in i.starts_from and m != 'full')}")
+                          f"{methods.controls()}")
+    allowed = _zero_shot_names(self.pretrain)
     for name in self.zero_shot:
-      kind = name[:-3] if name.endswith("-mu") else name
-      if name == "base":
-        continue
-      if name.endswith("-mu"):
-        if kind not in ("poly", "mhr") or kind not in self.pretrain:
-          raise ConfigError(f"Experiment.zero_shot: {name!r} averages a pre-trained Poly / MHR inventory; "
-                            f"add {kind!r} to Experiment.pretrain")
-        if self.mu_steps < 0:
-          raise ConfigError(f"Experiment.mu_steps={self.mu_steps}: must be >= 0")
-      elif kind not in NO_TASK_ID_KINDS or kind not in self.pretrain:
-        raise ConfigError(f"Experiment.zero_shot: {name!r}: expected 'base', a pre-trained kind of "
-                          f"{NO_TASK_ID_KINDS} or '<poly|mhr>-mu'")
+      if name not in allowed:
+        raise ConfigError(f"Experiment.zero_shot: {name!r}: expected one of {allowed} ('base', a pre-trained "
+                          "kind without task ids, or '<poly|mhr>-mu' of a pre-trained inventory)")
+    if self.mu_steps < 0:
+      raise ConfigError(f"Experiment.mu_steps={self.mu_steps}: must be >= 0")
     if self.analysis_grad_batches < 1:
       raise ConfigError(f"Experiment.analysis_grad_batches={self.analysis_grad_batches}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One stage: a run directory MODEL_DIR/<name>.
+  """One stage: a run directory below MODEL_DIR.
 
   kind: "train" (pre-training / base), "adapt" (adaptation or evaluation) or "analysis".
-  scope: the gin scope its settings come from.  bindings: ((key, value), ...) bound over them.
+  scope: the gin scope its settings come from.
+  directory: its run directory (absolute).
+  settings: {config section: {field: value}}, the stage's own settings (`config.load_config`'s arguments).
   row: for "adapt" stages, the results row name; row_kind "few-shot", "control" or "zero-shot".
-  after: the stages whose output it starts from.
+  after: the names of the stages whose output it starts from (for "analysis": the run it analyses).
   """
   name: str
   kind: str
   scope: str
-  bindings: tuple[tuple[str, Any], ...] = ()
+  directory: str
+  settings: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   row: str | None = None
   row_kind: str | None = None
   after: tuple[str, ...] = ()
 
-  def directory(self, model_dir: str) -> str:
-    return os.path.join(model_dir, *self.name.split("/"))
 
-
-def _adapter(kind: str) -> tuple[tuple[str, Any], ...]:
+def _adapter(kind: str) -> dict[str, Any]:
   # Poly is MHR with one head; every other setting of the adapter is shared by the stages.
-  return (("AdapterConfig.kind", kind),) + ((("AdapterConfig.n_splits", 1),) if kind == "poly" else ())
+  return {"kind": kind, **({"n_splits": 1} if kind == "poly" else {})}
+
+
+def _run(directory: str, mode: str, **start) -> dict[str, Any]:
+  """RunConfig settings of a stage: every start field explicit, so no user binding can add another."""
+  fields = {"init_checkpoint": None, "init_run": None, "init_transform": None, "pretrain_dir": None}
+  return {"model_dir": directory, "mode": mode, **fields, **start}
 
 
 def plan(exp: Experiment) -> list[Stage]:
   """The stages of `exp`, in the order they run."""
+  root = os.path.abspath(exp.model_dir)
+  where = lambda name: os.path.join(root, *name.split("/"))  # noqa: E731
   stages: list[Stage] = []
-  root = exp.model_dir
-  run_binds = (("RunConfig.init_checkpoint", None), ("RunConfig.init_run", None),
-               ("RunConfig.init_transform", None), ("RunConfig.pretrain_dir", None))
-
-  def where(name: str) -> str:
-    return os.path.join(root, *name.split("/"))
 
   if exp.base_checkpoint is None:
-    stages.append(Stage("base", "train", "base", run_binds + _adapter("none") + (("RunConfig.mode", "pretrain"),)))
-    base_start = (("RunConfig.init_run", where("base")),)
-    base_after: tuple[str, ...] = ("base",)
-    adapt_from_base = (("RunConfig.pretrain_dir", where("base")),)
+    stages.append(Stage("base", "train", "base", where("base"),
+                        {"run": _run(where("base"), "pretrain"), "adapter": _adapter("none")}))
+    base_start, adapt_from_base, base_after = ({"init_run": where("base")}, {"pretrain_dir": where("base")},
+                                               ("base",))
   else:
-    base_start = (("RunConfig.init_checkpoint", exp.base_checkpoint),)
+    base_start = adapt_from_base = {"init_checkpoint": os.path.abspath(exp.base_checkpoint)}
     base_after = ()
-    adapt_from_base = (("RunConfig.init_checkpoint", exp.base_checkpoint),)
 
   for kind in exp.pretrain:
-    stages.append(Stage(f"pretrain/{kind}", "train", "pretrain",
-                        run_binds + base_start + _adapter(kind) + (("RunConfig.mode", "pretrain"),), after=base_after))
-  for name in exp.zero_shot:
-    if name.endswith("-mu"):
-      source = f"pretrain/{name[:-3]}"
-      stages.append(Stage(f"pretrain/{name}", "train", "mu", run_binds + _adapter("lora") + (
-          ("RunConfig.mode", "pretrain"), ("RunConfig.init_run", where(source)), ("RunConfig.init_transform", "mu"),
-          ("RunConfig.train_steps", exp.mu_steps if exp.mu_steps else 1)), after=(source,)))
+    name = f"pretrain/{kind}"
+    stages.append(Stage(name, "train", "pretrain", where(name),
+                        {"run": _run(where(name), "pretrain", **base_start), "adapter": _adapter(kind)},
+                        after=base_after))
+  for entry in exp.zero_shot:
+    if entry.endswith("-mu"):
+      name, source = f"pretrain/{entry}", f"pretrain/{entry[:-3]}"
+      stages.append(Stage(name, "train", "mu", where(name), {
+          "run": _run(where(name), "pretrain", init_run=where(source), init_transform="mu",
+                      train_steps=exp.mu_steps or 1),
+          "adapter": _adapter("lora")}, after=(source,)))
 
-  def adapt_stage(name, method, kind, start, after, row, row_kind, extra=()):
-    return Stage(name, "adapt", "adapt", run_binds + start + _adapter(kind) + (
-        ("RunConfig.mode", "adapt"), ("AdaptConfig.method", method)) + extra, row=row, row_kind=row_kind,
-                 after=after)
+  def adapt_stage(name, method, kind, start, after, row, row_kind, steps=None):
+    run = _run(where(name), "adapt", **start, **({} if steps is None else {"train_steps": steps}))
+    return Stage(name, "adapt", "adapt", where(name),
+                 {"run": run, "adapter": _adapter(kind), "adapt": {"method": method}},
+                 row=row, row_kind=row_kind, after=after)
 
-  zero = (("RunConfig.train_steps", 0),)
-  for name in exp.zero_shot:
-    if name == "base":
-      stages.append(adapt_stage("zeroshot/base", "full", "none", adapt_from_base, base_after, "base (zero-shot)",
-                                "zero-shot", zero))
-    elif name.endswith("-mu"):
-      source = f"pretrain/{name}"
-      stages.append(adapt_stage(f"zeroshot/{name}", "lora", "lora", (("RunConfig.pretrain_dir", where(source)),),
-                                (source,), f"{name} (zero-shot)", "zero-shot", zero))
-    else:
-      source = f"pretrain/{name}"
-      stages.append(adapt_stage(f"zeroshot/{name}", name, name, (("RunConfig.pretrain_dir", where(source)),),
-                                (source,), f"{name} (zero-shot)", "zero-shot", zero))
+  for entry in exp.zero_shot:
+    name = f"zeroshot/{entry}"
+    if entry == "base":
+      stages.append(adapt_stage(name, "full", "none", adapt_from_base, base_after, "base (zero-shot)",
+                                "zero-shot", steps=0))
+    else:  # a pre-trained kind without task ids, or the averaged inventory (a plain LoRA)
+      source = f"pretrain/{entry}"
+      method = "lora" if entry.endswith("-mu") else entry
+      stages.append(adapt_stage(name, method, method, {"pretrain_dir": where(source)}, (source,),
+                                f"{entry} (zero-shot)", "zero-shot", steps=0))
   for method in exp.adapt:
-    kind = params_lib.METHOD_TABLE[method].kind
+    kind = methods.METHOD_TABLE[method].pretrain_kind
     if kind == "none":
       start, after = adapt_from_base, base_after
     else:
-      start, after = (("RunConfig.pretrain_dir", where(f"pretrain/{kind}")),), (f"pretrain/{kind}",)
+      start, after = {"pretrain_dir": where(f"pretrain/{kind}")}, (f"pretrain/{kind}",)
     stages.append(adapt_stage(f"adapt/{method}", method, kind, start, after, method, "few-shot"))
   for method in exp.controls:
-    stages.append(adapt_stage(f"control/{method}", method, params_lib.METHOD_TABLE[method].kind, adapt_from_base,
-                              base_after, f"{method} (no pre-training)", "control"))
+    stages.append(adapt_stage(f"control/{method}", method, methods.METHOD_TABLE[method].pretrain_kind,
+                              adapt_from_base, base_after, f"{method} (no pre-training)", "control"))
   if exp.analysis:
     for kind in exp.pretrain:
-      if kind in ("poly", "mhr"):
-        stages.append(Stage(f"analysis/{kind}", "analysis", "pretrain", after=(f"pretrain/{kind}",)))
+      if KIND_TABLE[kind].routed:
+        stages.append(Stage(f"analysis/{kind}", "analysis", "pretrain", where(f"analysis/{kind}"),
+                            after=(f"pretrain/{kind}",)))
   return stages
 
 
-def stage_bindings(stage: Stage, model_dir: str, extra: tuple[tuple[str, Any], ...] = ()) -> list[str]:
-  """The stage's settings as scoped gin binding strings (they win over the experiment's own)."""
-  values = dict(stage.bindings)
-  values["RunConfig.model_dir"] = stage.directory(model_dir)
-  values.update(extra)
-  return [f"{stage.scope}/{key} = {value!r}" for key, value in values.items()]
+def stage_config(exp: Experiment, stage: Stage) -> tuple[config_lib.ExperimentConfig, str]:
+  """The stage's checked config and its config.gin text (explicit bindings, with the command that reruns it
+  alone). The gin files must be parsed (`config.parse_gin`); nothing is written."""
+  settings = {section: dict(values) for section, values in stage.settings.items()}
+  with gin.config_scope(stage.scope):
+    try:
+      data, adapt = config_lib.DataConfig(), config_lib.AdaptConfig()
+    except (ValueError, TypeError) as e:
+      raise ConfigError(config_lib.one_line(e)) from None
+    if data.source == "synthetic" and not data.data_dir:  # one copy of the suite for every stage
+      settings.setdefault("data", {})["data_dir"] = os.path.join(os.path.abspath(exp.model_dir), "synthetic_data")
+    if stage.row_kind == "zero-shot" and len(adapt.seeds) > 1:  # nothing trains: one evaluation
+      settings.setdefault("adapt", {})["seeds"] = adapt.seeds[:1]
+    cfg = config_lib.resolve_config(**settings)
+  config_lib.check_run_dir(cfg.run.model_dir, cfg, fix=f"delete {cfg.run.model_dir} to run stage {stage.name} "
+                           "with the new settings")
+  header = (f"Stage {stage.name} of the experiment in {os.path.abspath(exp.model_dir)}. Rerun it alone:\n"
+            f"  python -m mhr_jax.train --gin_file={os.path.join(stage.directory, 'config.gin')}")
+  return cfg, config_lib.to_gin(cfg, header)

@@ -23,11 +23,11 @@ import numpy as np
 
 from mhr_jax import adaptation, models, partitioning
 from mhr_jax import config as config_lib
-from mhr_jax.adapters import params as params_lib
+from mhr_jax.adapters import methods
 from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import MetricsJsonl, banner, format_metrics, log, progress_bar
-from mhr_jax.run_checkpoints import (RunCheckpointer, StopSignal, latest_step, restore_params,
-                                     write_json_atomic, write_text_atomic)
+from mhr_jax.run_checkpoints import RunCheckpointer, StopSignal, latest_step, restore_params
+from mhr_jax.storage import write_json_atomic, write_text_atomic
 
 EXIT_PREEMPTED = 143
 
@@ -36,10 +36,10 @@ class Preempted(Exception):
   """SIGTERM arrived; the state is saved."""
 
 
-def starting_point(cfg: config_lib.ExperimentConfig, config_text: str) -> dict:
+def starting_point(cfg: config_lib.ExperimentConfig) -> dict:
   """Checks where adaptation starts and returns {"kind", "dir", "step"} (kind: the pre-trained
   adapter kind, "none" for a plain base); ConfigError names the key when it does not fit."""
-  run, method = cfg.run, params_lib.method_info(cfg.adapt.method)
+  run, method = cfg.run, methods.get(cfg.adapt.method)
   if run.init_checkpoint:
     start = {"kind": "none", "dir": run.init_checkpoint, "step": None}
   else:
@@ -54,16 +54,17 @@ def starting_point(cfg: config_lib.ExperimentConfig, config_text: str) -> dict:
   kind = cfg.model.adapter.kind
   if start["kind"] == kind:
     if start["step"] is not None:
-      config_lib.check_run_dir(start["dir"], config_text, fix="adapt with the pre-training run's model config")
-  elif start["kind"] == "none" and "none" in method.starts_from:
+      config_lib.check_run_dir(start["dir"], cfg, fix="adapt with the pre-training run's model config")
+  elif start["kind"] == "none" and method.control:
     if start["step"] is not None:  # a fresh adapter on that run's base: only the architecture must match
-      config_lib.check_run_dir(start["dir"], config_text, fix="adapt with the base run's model config",
-                               sections=("ModelConfig",))
+      config_lib.check_run_dir(start["dir"], cfg, fix="adapt with the base run's model config",
+                               architecture_only=True)
   else:
     where = (f"RunConfig.pretrain_dir={run.pretrain_dir!r} holds a pre-trained adapter of kind {start['kind']!r}"
              if run.pretrain_dir else "RunConfig.init_checkpoint is a plain base")
+    fresh = " (or a plain base, with a fresh adapter)" if method.control else ""
     raise config_lib.ConfigError(f"{where}; AdaptConfig.method={cfg.adapt.method!r} with "
-                                 f"AdapterConfig.kind={kind!r} starts from kind {method.starts_from}")
+                                 f"AdapterConfig.kind={kind!r} starts from kind {kind!r}{fresh}")
   loss_kind = "tfew" if cfg.data.source == "t0" else "lm"
   if cfg.loss.kind != loss_kind:
     raise config_lib.ConfigError(
@@ -154,7 +155,7 @@ def _pair_file(model_dir: str, index: int) -> str:
 
 def adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
   """Adapts every (task, seed) pair, evaluates, writes the results; returns 0 or EXIT_PREEMPTED."""
-  start = starting_point(cfg, config_text)
+  start = starting_point(cfg)
   stop = StopSignal()
   try:
     return _adapt(cfg, config_text, mesh, start, stop)
@@ -195,12 +196,13 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   from mhr_jax import data, fewshot_benchmarks  # pylint: disable=g-import-not-at-top  (TensorFlow)
   a, run_cfg, model_dir = cfg.adapt, cfg.run, cfg.run.model_dir
   start_time = time.time()
-  write_text_atomic(os.path.join(model_dir, "config.gin"), config_text)
+  config_lib.write_run_files(cfg, config_text)
 
   banner("data")
   fewshot = {"fewshot_seeds": a.seeds} if cfg.data.source == "t0" else {"fewshot_ks": (a.shots,),
                                                                         "fewshot_seeds": a.seeds}
-  registration, vocabulary = data.register_data(cfg, **fewshot)
+  registration, vocabulary = data.register_data(cfg.data, cfg.default_data_dir, vocab_size=cfg.model.vocab_size,
+                                               **fewshot)
   benchmark = fewshot_benchmarks.fewshot_pairs(cfg, registration, vocabulary)
   pairs = benchmark.pairs
   log.info("%d pairs: %s", len(pairs), benchmark.description)
@@ -220,7 +222,7 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   steps = run_cfg.train_steps
   if not steps:
     log.info("RunConfig.train_steps=0: evaluating the %s starting point zero-shot", a.method)
-  sequential = a.method == "full"
+  sequential = not methods.get(a.method).vmapped
   batches = (fewshot_benchmarks.PairBatches(benchmark.train_streams(mine), keep_all=sequential)
              if steps else None)
   select = {}

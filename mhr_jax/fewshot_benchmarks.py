@@ -59,7 +59,7 @@ class SuperNIPairs:
   def __init__(self, cfg: ExperimentConfig, registration, vocabulary):
     a, d = cfg.adapt, cfg.data
     self._cfg, self._registration, self._vocabulary = cfg, registration, vocabulary
-    tasks = list(a.tasks) or data.heldout_tasks(cfg, registration)
+    tasks = list(a.tasks) or data.heldout_tasks(d, registration)
     unknown = [t for t in tasks if t not in registration.tasks]
     if unknown:
       raise ConfigError(f"AdaptConfig.tasks: unknown task(s) {unknown} in {d.source}")

@@ -24,8 +24,8 @@ from mhr_jax.adapters import transforms
 from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import (MetricsJsonl, TensorBoard, Throughput, banner, format_metrics, log,
                                    peak_flops_total, progress_bar, train_flops_per_step)
-from mhr_jax.run_checkpoints import (RunCheckpointer, StopSignal, latest_step, restore_params,
-                                     write_json_atomic, write_text_atomic)
+from mhr_jax.run_checkpoints import RunCheckpointer, StopSignal, latest_step, restore_params
+from mhr_jax.storage import write_json_atomic
 
 EXIT_PREEMPTED = 143  # cli.EXIT_PREEMPTED: 128 + SIGTERM, after the checkpoint is written
 
@@ -148,10 +148,12 @@ def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
   from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: only when training)
   run_cfg, model_dir = cfg.run, cfg.run.model_dir
   start_time = time.time()
-  write_text_atomic(os.path.join(model_dir, "config.gin"), config_text)
+  config_lib.write_run_files(cfg, config_text)
 
   banner("data")
-  data.register_data(cfg)
+  registration, _ = data.register_data(cfg.data, cfg.default_data_dir, vocab_size=cfg.model.vocab_size)
+  if cfg.model.adapter.uses_task_ids:
+    data.check_task_rows(cfg.data, registration, cfg.model.adapter.n_tasks)
   banner("state")
   model = models.T5(cfg.model)
   rules = config_lib.param_rules(cfg)
@@ -184,7 +186,7 @@ def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
 
   banner("loop")
   total = run_cfg.train_steps
-  batches = data.host_batches(cfg, skip, jax.process_index(), jax.process_count())
+  batches = data.host_batches(cfg.data, run_cfg.seed, skip, jax.process_index(), jax.process_count())
   step_fn = train_step.make_train_step(model, optimizer, cfg.loss, mesh,
                                        train_step.shardings_of(abstract_state),
                                        grad_accum_steps=cfg.optimizer.grad_accum_steps,

@@ -26,30 +26,9 @@ import sys
 
 import numpy as np
 
-from mhr_jax.run_checkpoints import write_bytes_atomic, write_json_atomic, write_text_atomic
+from mhr_jax.storage import read_json, read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 GENERATION_METRICS = ("rougeL", "exact_match")
-
-
-def read_json(path: str):
-  """The JSON object in `path`, or None when the file does not exist (yet)."""
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  if not os.path.isfile(path):
-    return []
-  records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue  # a line cut short by a killed run
-  return records
 
 
 def _load(model_dir: str) -> tuple[dict, dict]:
@@ -202,7 +181,7 @@ def _plot_learning_curves(plan: dict, path: str) -> None:
   panels = {"train": [], "adapt": []}
   for stage in plan["stages"]:
     if stage["kind"] in panels and stage["steps"]:
-      records = [r for r in _read_jsonl(os.path.join(stage["dir"], "metrics.jsonl")) if "loss" in r]
+      records = [r for r in read_jsonl(os.path.join(stage["dir"], "metrics.jsonl")) if "loss" in r]
       if records:
         panels[stage["kind"]].append((stage["name"], [r["step"] for r in records], [r["loss"] for r in records]))
   fig, axes = plt.subplots(1, 2, figsize=(12, 4))

@@ -1,4 +1,4 @@
-"""Run checkpoints (orbax): periodic saves, keep-N, resume, save-on-SIGTERM; atomic result files.
+"""Run checkpoints (orbax): periodic saves, keep-N, resume, save-on-SIGTERM.
 
 A checkpoint at step s holds the train state after s updates (linen boxes removed, so the tree
 is plain arrays; its small replicated leaves packed into one array per dtype, with a JSON "layout"
@@ -25,26 +25,6 @@ from flax.core import meta
 
 from mhr_jax import checkpoint_packing as packing
 from mhr_jax.logging_utils import log
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and os.replace (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` (UTF-8) to `path` through a temporary file and os.replace (process 0 only)."""
-  write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def abstract_like(tree):

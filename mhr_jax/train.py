@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
   log.info("run directory: %s", os.path.abspath(cfg.run.model_dir))
   # Config errors about where the run starts, before anything is built or written.
   if cfg.run.mode == "adapt":
-    fewshot.starting_point(cfg, config_text)
+    fewshot.starting_point(cfg)
   else:
     pretrain.check_start(cfg)
   banner("mesh")

@@ -148,9 +148,8 @@ def direct_gradients(run_dir, task_names):
   """{task: {layer: flat adapter gradient}} by jax.grad of a hand-written token-mean cross-entropy over
   the union of each task's first GRAD_BATCHES batches, without dropout or routing noise."""
   from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  config_lib.parse_gin([os.path.join(run_dir, "config.gin")], [])
-  cfg = config_lib.load_config()
-  registration, _ = data.register_data(cfg)
+  cfg = config_lib.read_run_config(run_dir)
+  registration, _ = data.register_data(cfg.data, cfg.default_data_dir)
   model = models.T5(cfg.model)
   flat = traverse_util.flatten_dict(restore_params(os.path.join(run_dir, "checkpoints"), 2))
   adapter = {p: v for p, v in flat.items() if p[-1] in ("lora_a", "lora_b")}

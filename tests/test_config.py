@@ -62,8 +62,8 @@ def test_every_config_parses(path, tmp_path):
     stages = experiment_plan.plan(exp)
     for stage in stages:
       if stage.kind != "analysis":
-        cfg, _ = experiment.stage_config(args, exp, stage)
-        assert cfg.run.model_dir == stage.directory(exp.model_dir)
+        cfg, _ = experiment_plan.stage_config(exp, stage)
+        assert cfg.run.model_dir == stage.directory
     assert {s.kind for s in stages} >= {"train", "adapt"}
   else:
     cfg = _load([path], bindings + ["TRAIN_STEPS = 10"])
@@ -182,28 +182,65 @@ def test_search_paths_and_includes(tmp_path):
   assert cfg.run.log_every == 3 and cfg.model.adapter.kind == "mhr"
 
 
-def test_model_section_resolves_macros():
-  text = ("# Macros:\nS = 4\nMODEL_DIR = '/a'\n\n# Parameters for AdapterConfig:\n"
-          "AdapterConfig.n_splits = %S\nAdapterConfig.kind = 'mhr'\n"
-          "# Parameters for RunConfig:\nRunConfig.model_dir = %MODEL_DIR\n")
-  assert config_lib.model_section(text) == {"AdapterConfig.n_splits": "4", "AdapterConfig.kind": "'mhr'"}
-
-
 def test_check_run_dir(tmp_path):
-  _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'"])
-  saved = config_lib.operative_config()
-  (tmp_path / "config.gin").write_text(saved)
+  saved = _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+  config_lib.write_run_files(saved, config_lib.operative_config())
+  record = (tmp_path / config_lib.RUN_RECORD).read_text()
   # Same model, other run settings (steps, logging): compatible.
-  _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 99",
-                               "RunConfig.log_every = 10"])
-  config_lib.check_run_dir(str(tmp_path), config_lib.operative_config())
+  config_lib.check_run_dir(str(tmp_path), _load(["configs/tiny.gin"], [
+      f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 99", "RunConfig.log_every = 10"]))
   # A different adapter: refused, naming the key and both values.
-  _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "AdapterConfig.n_splits = 2"])
+  other = _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "AdapterConfig.n_splits = 2"])
   with pytest.raises(config_lib.ConfigError) as info:
-    config_lib.check_run_dir(str(tmp_path), config_lib.operative_config())
+    config_lib.check_run_dir(str(tmp_path), other)
   assert "AdapterConfig.n_splits: saved 4, now 2" in str(info.value)
   assert "\n" not in str(info.value)
-  assert (tmp_path / "config.gin").read_text() == saved
+  # Comparing only the architecture (a fresh adapter on that run's base) accepts it.
+  config_lib.check_run_dir(str(tmp_path), other, architecture_only=True)
+  wider = _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "ModelConfig.overrides = {'d_ff': 48}"])
+  with pytest.raises(config_lib.ConfigError, match="T5Config.d_ff: saved 64, now 48"):
+    config_lib.check_run_dir(str(tmp_path), wider, architecture_only=True)
+  assert (tmp_path / config_lib.RUN_RECORD).read_text() == record
+  # A run directory without the record (another program's, or an older version's) is named as such.
+  (tmp_path / config_lib.RUN_RECORD).unlink()
+  with pytest.raises(config_lib.ConfigError, match="no run_config.json there"):
+    config_lib.check_run_dir(str(tmp_path), saved)
+
+
+def test_run_record_round_trips(tmp_path):
+  """What a later stage reads of a run (its model, its whole config) is what the run was given."""
+  cfg = _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}/run'", "AdaptConfig.seeds = (1, 2)",
+                                     "RunConfig.param_rules = (('.*', 'frozen'),)",
+                                     "ModelConfig.overrides = {'d_ff': 48}"])
+  config_lib.write_run_files(cfg, "# text\n")
+  assert (tmp_path / "run" / "config.gin").read_text() == "# text\n"
+  assert config_lib.saved_model_config(str(tmp_path / "run")) == cfg.model
+  assert config_lib.saved_adapter_config(str(tmp_path / "run")) == cfg.model.adapter
+  moved = str(tmp_path / "moved")
+  os.rename(tmp_path / "run", moved)
+  again = config_lib.read_run_config(moved)
+  assert again.run.model_dir == moved
+  assert again == cfg.__class__(**{**cfg.__dict__, "run": cfg.run.__class__(**{**cfg.run.__dict__,
+                                                                               "model_dir": moved})})
+
+
+def test_explicit_settings_win_over_bindings(tmp_path):
+  """A stage's own settings, given as arguments, win over the gin files in and out of scope."""
+  config_lib.parse_gin(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "pretrain/AdapterConfig.n_splits = 2",
+                                              "pretrain/RunConfig.train_steps = 3"])
+  with gin.config_scope("pretrain"):
+    cfg = config_lib.load_config(adapter={"kind": "poly", "n_splits": 1}, run={"model_dir": str(tmp_path / "p")})
+  assert (cfg.model.adapter.kind, cfg.model.adapter.n_splits) == ("poly", 1)
+  assert (cfg.run.model_dir, cfg.run.train_steps) == (str(tmp_path / "p"), 3)
+  with pytest.raises(ValueError, match="unknown section"):
+    config_lib.load_config(adaptor={"kind": "poly"})
+
+
+def test_heads_that_do_not_divide_the_widths_are_a_config_error(tmp_path):
+  with pytest.raises(config_lib.ConfigError) as info:
+    _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "AdapterConfig.n_splits = 3"])
+  assert str(info.value).startswith("adapter.n_splits=3 must divide the widths of every adapted layer; "
+                                    "encoder/block_0/self_attention/q has d_in=32, d_out=32")
 
 
 def test_operative_config_has_one_binding_per_line(tmp_path):
@@ -230,8 +267,3 @@ def test_to_gin_round_trips_and_scopes_win(tmp_path):
   (tmp_path / "stage.gin").write_text(text)
   again, _ = config_lib.load_run_config([str(tmp_path / "stage.gin")])
   assert again == scoped
-  # The run directory check reads both formats alike (gin's operative config and to_gin).
-  (tmp_path / "run").mkdir()
-  (tmp_path / "run" / "config.gin").write_text(text)
-  config_lib.check_run_dir(str(tmp_path / "run"), text.replace("'mhr'", '"mhr"'))
-  assert config_lib.saved_adapter_config(str(tmp_path / "run")) == scoped.model.adapter

@@ -1,5 +1,6 @@
 """The experiment command end to end at the smallest sizes: every stage, the results files and their
 consistency, skipping finished stages, a kill -9 at a random moment, and one-line config errors."""
+import argparse
 import csv
 import glob
 import json
@@ -142,6 +143,40 @@ def test_experiment_end_to_end(finished, env, config_file):
   assert _read(os.path.join(model_dir, "results.json"))["summary"] == report["summary"]
 
 
+def test_report_runs_without_jax(finished, tmp_path):
+  """The tables come from the results files alone: `python -m mhr_jax.report` where JAX (and TensorFlow)
+  cannot be imported rewrites the same summary."""
+  model_dir, _ = finished
+  reference = _read(os.path.join(model_dir, "results.json"))
+  blocker = (
+      "import importlib.abc, sys\n"
+      "class Blocked(importlib.abc.MetaPathFinder):\n"
+      "  def find_spec(self, name, path, target=None):\n"
+      "    if name.split('.')[0] in ('jax', 'jaxlib', 'flax', 'orbax', 'tensorflow', 'seqio'):\n"
+      "      raise ImportError('blocked: ' + name)\n"
+      "sys.meta_path.insert(0, Blocked())\n"
+      "from mhr_jax import report\n"
+      f"sys.exit(report.main(['--model_dir', {model_dir!r}]))\n")
+  result = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _read(os.path.join(model_dir, "results.json"))["summary"] == reference["summary"]
+
+
+def test_a_stage_is_done_only_when_its_results_say_so_at_its_steps(tmp_path):
+  """stage_done: a results.json saying "preempted", or "done" at another step count, is not done."""
+  from mhr_jax import experiment_plan  # pylint: disable=g-import-not-at-top
+  train = experiment_plan.Stage("pretrain/mhr", "train", "pretrain", str(tmp_path / "p"))
+  adapt = experiment_plan.Stage("adapt/mhr", "adapt", "adapt", str(tmp_path / "a"))
+  cfg = lambda steps: argparse.Namespace(run=argparse.Namespace(train_steps=steps))  # noqa: E731
+  assert not experiment.stage_done(train, cfg(3))  # nothing written yet
+  for stage, key in ((train, "step"), (adapt, "steps")):
+    os.makedirs(stage.directory)
+    for status, steps, done in (("preempted", 3, False), ("done", 2, False), ("done", 3, True)):
+      with open(os.path.join(stage.directory, "results.json"), "w") as f:
+        json.dump({"status": status, key: steps}, f)
+      assert experiment.stage_done(stage, cfg(3)) == done, (stage.name, status, steps)
+
+
 def _tmp_files(model_dir):
   return [p for p in glob.glob(os.path.join(model_dir, "**", "*"), recursive=True)
           if ".tmp" in os.path.basename(p) and not p.endswith(".orbax-checkpoint-tmp")]
@@ -180,6 +215,8 @@ def test_kill_9_then_rerun_finishes_with_the_same_table(finished, env, config_fi
     ("DataConfig.source = 'superni'", "DataConfig.data_dir: required for source 'superni'"),
     ("DataConfig.data_dir = '/nope/ni'", "DataConfig.data_dir='/nope/ni': no such directory"),
     ("Experiment.controls = ('mhr-z',)", "Experiment.controls: 'mhr-z' cannot start from a plain base"),
+    # Model-shape rules of every stage are checked too, before the base trains.
+    ("AdapterConfig.n_splits = 3", "adapter.n_splits=3 must divide the widths of every adapted layer"),
 ])
 def test_bad_config_is_one_line_before_anything_is_written(config_file, tmp_path, capsys, binding, expected):
   model_dir = tmp_path / "run"

@@ -181,7 +181,7 @@ def test_common_20_task_subset_is_shipped_and_selectable(clone, tmp_path):
                                  vocabulary="byte"),
       loss=config_lib.LossConfig(), optimizer=config_lib.OptimizerConfig(), mesh=config_lib.MeshConfig(),
       run=config_lib.RunConfig(model_dir=str(tmp_path / "run")), adapt=config_lib.AdaptConfig())
-  registration, _ = data.register_data(cfg)
-  assert data.heldout_tasks(cfg, registration) == ["task010_heldout", "task001_copy"]
+  registration, _ = data.register_data(cfg.data, cfg.default_data_dir)
+  assert data.heldout_tasks(cfg.data, registration) == ["task010_heldout", "task001_copy"]
   with pytest.raises(config_lib.ConfigError, match="DataConfig.test_task_list='nope.txt': no such file"):
     config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone, test_task_list="nope.txt")

@@ -160,8 +160,7 @@ def existing_run(tmp_path):
   model_dir = tmp_path / "run"
   model_dir.mkdir()
   config_lib.parse_gin(["configs/tiny.gin"], [f"MODEL_DIR = '{model_dir}'"])
-  config_lib.load_config()
-  (model_dir / "config.gin").write_text(config_lib.operative_config())
+  config_lib.write_run_files(config_lib.load_config(), config_lib.operative_config())
   (model_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
   gin.clear_config()
   return model_dir
@@ -183,6 +182,7 @@ def _snapshot(directory):
                                                             "no such directory"),
     (["--gin.AdapterConfig.anneal_steps=41"], "AdapterConfig.anneal_steps=41 exceeds RunConfig.train_steps=40"),
     (["--gin.AdaptConfig.eval_batch_size=0"], "AdaptConfig.eval_batch_size=0: must be >= 1"),
+    (["--gin.AdapterConfig.n_splits=3"], "adapter.n_splits=3 must divide the widths of every adapted layer"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(existing_run, flags, expected, capsys):
   before = _snapshot(existing_run)
@@ -193,6 +193,18 @@ def test_bad_input_is_one_line_and_writes_nothing(existing_run, flags, expected,
   assert expected in line
   assert "Traceback" not in err
   assert _snapshot(existing_run) == before
+
+
+def test_a_model_that_cannot_be_built_is_one_line_in_a_new_directory(tmp_path, capsys):
+  """Heads that do not divide the layer widths: exit 2 with one line naming the key; nothing written."""
+  model_dir = tmp_path / "new"
+  status = train.main(["--gin_file=configs/tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
+                       "--gin.AdapterConfig.n_splits=3"])
+  err = capsys.readouterr().err
+  assert status == cli.EXIT_CONFIG_ERROR and "Traceback" not in err
+  (line,) = error_lines(err)
+  assert line.startswith("error: adapter.n_splits=3 must divide")
+  assert not model_dir.exists()
 
 
 def test_adapt_without_pretraining_checkpoint(existing_run, tmp_path, capsys):

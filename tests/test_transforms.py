@@ -132,7 +132,7 @@ def test_select_task_rows_keeps_and_reorders_tasks():
 def test_transform_kind_errors():
   cfg = model_cfg(kind="lora")
   params = random_params(cfg)
-  with pytest.raises(ValueError, match="to_mu: adapter.kind='lora' is not supported"):
+  with pytest.raises(ValueError, match="to_mu: adapter.kind='lora' has no skill inventory"):
     transforms.to_mu(cfg, params)
   with pytest.raises(ValueError, match="add_task_rows: adapter.kind='lora'"):
     transforms.add_task_rows(cfg, params, 1, jax.random.key(0))

@@ -1,19 +1,12 @@
 """Adapter configuration: which T5 linear layers get an adapter, and of which kind.
 
-Kinds (METHODS.md):
-  none          the base model.
-  lora          one LoRA shared by all tasks ("shared LoRA"; also what MHR-mu / Poly-mu become).
-  private_lora  one LoRA per task (K = T); the task id picks it.
-  ia3           (IA)^3: a learned output scale vector per targeted layer, init ones.
-  poly / mhr    the routed inventory: K skills, S heads (`n_splits`), per-task routing logits (T, S, K).
-                Poly is exactly MHR with S = 1; `poly` requires n_splits == 1.
+The adapter kinds are one table, `KIND_TABLE` (METHODS.md); what each few-shot method does with them is
+the method table, `mhr_jax.adapters.methods`.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-
-KINDS = ("none", "lora", "private_lora", "ia3", "poly", "mhr")
 
 # The paper's two placements (METHODS.md "Where adapters go in T5").
 ALL_LINEAR = r".*/(q|k|v|o|wi|wi_0|wi_1|wo)$"      # authors' T0 setting (rank 1)
@@ -22,14 +15,49 @@ IA3_TARGETS = r".*/(k|v|wi_1|wi)$"                  # (IA)^3: keys, values, firs
 
 
 @dataclasses.dataclass(frozen=True)
+class Kind:
+  """An adapter kind.
+
+  Attributes:
+    name: AdapterConfig.kind.
+    description: what the model holds.
+    task_ids: the model reads a task id per example (a routing row or a private adapter per task).
+    routed: the Poly / MHR inventory with routing logits (T, S, K).
+    targets: the default AdapterConfig.target_modules.
+    peft_type: the PEFT tuner an adapter of this kind exports to (checkpoints.export_peft), or None.
+  """
+  name: str
+  description: str
+  task_ids: bool = False
+  routed: bool = False
+  targets: str = ALL_LINEAR
+  peft_type: str | None = None
+
+
+KIND_TABLE: dict[str, Kind] = {k.name: k for k in (
+    Kind("none", "the base model"),
+    Kind("lora", "one LoRA shared by all tasks (shared LoRA; also what MHR-mu / Poly-mu become)",
+         peft_type="LORA"),
+    Kind("private_lora", "one LoRA per task (K = T); the task id picks it", task_ids=True),
+    Kind("ia3", "(IA)^3: a learned output scale vector per targeted layer, init ones", targets=IA3_TARGETS,
+         peft_type="IA3"),
+    Kind("poly", "the routed inventory with one head (MHR with n_splits = 1)", task_ids=True, routed=True,
+         peft_type="POLY"),
+    Kind("mhr", "the routed inventory: K skills, S heads (n_splits), routing logits (T, S, K)", task_ids=True,
+         routed=True, peft_type="POLY"),
+)}
+KINDS = tuple(KIND_TABLE)
+
+
+@dataclasses.dataclass(frozen=True)
 class AdapterConfig:
   """Adapter settings; part of `models.T5Config` (field `adapter`).
 
   Attributes:
-    kind: one of KINDS.
+    kind: one of KINDS (KIND_TABLE).
     target_modules: regex matched (re.fullmatch) against a linear layer's module path, e.g.
-      "encoder/block_0/self_attention/q" or "decoder/block_3/mlp/wo". None: the kind's default,
-      IA3_TARGETS for ia3 and ALL_LINEAR (the authors' T0 placement) otherwise.
+      "encoder/block_0/self_attention/q" or "decoder/block_3/mlp/wo". None: the kind's default
+      (KIND_TABLE: IA3_TARGETS for ia3, ALL_LINEAR, the authors' T0 placement, otherwise).
     rank: LoRA rank r (not split across heads).
     alpha: LoRA scale numerator; the delta is x A B * (alpha / rank).
     n_tasks: T, rows of the routing table (and number of private adapters).
@@ -85,18 +113,20 @@ class AdapterConfig:
       raise ValueError(f"adapter.target_modules={self.target_modules!r}: bad regex ({e})") from None
 
   @property
+  def info(self) -> Kind:
+    return KIND_TABLE[self.kind]
+
+  @property
   def target_regex(self) -> str:
-    if self.target_modules is not None:
-      return self.target_modules
-    return IA3_TARGETS if self.kind == "ia3" else ALL_LINEAR
+    return self.info.targets if self.target_modules is None else self.target_modules
 
   @property
   def routed(self) -> bool:
-    return self.kind in ("poly", "mhr")
+    return self.info.routed
 
   @property
   def uses_task_ids(self) -> bool:
-    return self.kind in ("poly", "mhr", "private_lora")
+    return self.info.task_ids
 
   def targets(self, path: str) -> bool:
     """Whether the linear layer at module path `path` carries an adapter."""

@@ -1,18 +1,13 @@
 """Which parameters train: labels by path regex, trainable / frozen split, parameter counts.
 
 Labels are one group name per leaf of the (unboxed) params tree, as `optim.make_optimizer` and
-the train step read them:
-  frozen    never updated
-  adapters  LoRA A / B, (IA)^3 scales
-  routing   routing logits (T, S, K)
-  base      base-model weights that train (full fine-tuning)
+the train step read them (GROUPS: frozen, adapters, routing, base; see `adapters.methods`).
 A rule set is an ordered list of (regex, group); a leaf takes the group of the first regex that
 fully matches its '/'-joined path, e.g. "encoder/block_0/self_attention/q/routing/logits".
-`default_rules(method)` gives the rules of each method of the paper.
+`default_rules(method)` gives the rules of a method of the method table (`adapters.methods`).
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
@@ -20,86 +15,16 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from mhr_jax.adapters import methods
 from mhr_jax.adapters.config import AdapterConfig
-
-GROUPS = ("frozen", "adapters", "routing", "base")
-TRAINED = ("adapters", "routing", "base")
-
-ROUTING_RE = r"(.*/)?routing/logits"
-LORA_RE = r".*/(lora_a|lora_b)"
-IA3_RE = r".*/ia3_scale"
-ADAPTER_RE = r".*/(lora_a|lora_b|ia3_scale)"
-
-Rules = Sequence[tuple[str, str]]
-
-_PRETRAIN = ((ROUTING_RE, "routing"), (ADAPTER_RE, "adapters"), (".*", "frozen"))
-_ROUTING_ONLY = ((ROUTING_RE, "routing"), (".*", "frozen"))
-_LORA_ONLY = ((LORA_RE, "adapters"), (".*", "frozen"))
-_FULL = ((ROUTING_RE, "routing"), (ADAPTER_RE, "adapters"), (".*", "base"))
-_ROUTED = ("poly", "mhr")
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """A training method of the paper (METHODS.md), the one table every stage reads.
-
-  Attributes:
-    rules: which parameters train ((regex, group) pairs, see `param_labels`).
-    kind: the AdapterConfig.kind that pre-training for this method produces ("none" for full
-      fine-tuning): the experiment pre-trains this kind, then adapts with the method.
-    starts_from: the pre-trained adapter kinds few-shot adaptation with this method accepts. "none"
-      means a fresh adapter on a plain base model: the no-pre-training control.
-    new_task: adaptation gives the new task a fresh routing row (or private adapter).
-    mu: adaptation first averages the skills into one plain LoRA (transforms.to_mu).
-  """
-  rules: Rules
-  kind: str
-  starts_from: tuple[str, ...]
-  new_task: bool = False
-  mu: bool = False
-
-
-METHOD_TABLE: dict[str, Method] = {
-    # Poly / MHR: pre-training, and few-shot adaptation with a fresh routing row for the new task,
-    # routing and inventory training (from a pre-trained inventory, or a fresh one on the base).
-    "poly": Method(_PRETRAIN, "poly", (*_ROUTED, "none"), new_task=True),
-    "mhr": Method(_PRETRAIN, "mhr", (*_ROUTED, "none"), new_task=True),
-    # Poly-z / MHR-z: only routing trains; `routing_row_mask` or row selection keeps it to the new row.
-    "poly-z": Method(_ROUTING_ONLY, "poly", _ROUTED, new_task=True),
-    "mhr-z": Method(_ROUTING_ONLY, "mhr", _ROUTED, new_task=True),
-    # Poly-mu / MHR-mu: the skill-averaged inventory becomes one plain LoRA, which trains.
-    "poly-mu": Method(_LORA_ONLY, "poly", _ROUTED, mu=True),
-    "mhr-mu": Method(_LORA_ONLY, "mhr", _ROUTED, mu=True),
-    # Baselines: shared LoRA, private LoRA (one per task), (IA)^3, full fine-tuning.
-    "lora": Method(_LORA_ONLY, "lora", ("lora", "none")),
-    "private_lora": Method(_LORA_ONLY, "private_lora", ("private_lora", "none"), new_task=True),
-    "ia3": Method(((IA3_RE, "adapters"), (".*", "frozen")), "ia3", ("ia3", "none")),
-    "full": Method(_FULL, "none", ("none", "lora", "ia3", "private_lora", *_ROUTED)),
-}
-METHODS = tuple(METHOD_TABLE)
-
-
-def canonical_method(method: str) -> str:
-  """`method` as METHOD_TABLE spells it ('_' and '-' are interchangeable; case is ignored)."""
-  key = method.lower().replace("_", "-")
-  key = "private_lora" if key == "private-lora" else key
-  if key not in METHOD_TABLE:
-    raise ValueError(f"method={method!r}: expected one of {METHODS}")
-  return key
-
-
-def method_info(method: str) -> Method:
-  return METHOD_TABLE[canonical_method(method)]
-
-
-def pretraining_method(kind: str) -> str:
-  """The method whose rules pre-train an adapter of AdapterConfig.kind `kind`."""
-  return "full" if kind == "none" else canonical_method(kind)
-
+# The method table and its groups, re-exported: `params.METHOD_TABLE` and friends keep working.
+from mhr_jax.adapters.methods import (ADAPTER_RE, GROUPS, IA3_RE, LORA_RE, METHOD_TABLE, METHODS,  # noqa: F401
+                                      ROUTING_AND_ADAPTERS, ROUTING_RE, TRAINED, Method, Rules,
+                                      canonical_method)
 
 def default_rules(method: str) -> list[tuple[str, str]]:
   """The (regex, group) rules of `method` (one of METHODS; '_' and '-' are interchangeable)."""
-  return list(method_info(method).rules)
+  return list(methods.get(method).rules)
 
 
 def _paths(tree) -> dict[tuple[str, ...], Any]:
@@ -220,7 +145,7 @@ def count_params(cfg_or_params, rules: Rules | str | None = None,
   if hasattr(cfg_or_params, "adapter"):
     params = abstract_params(cfg_or_params)
   flat = _paths(params)
-  labels = _paths(param_labels(params, rules if rules is not None else _PRETRAIN,
+  labels = _paths(param_labels(params, rules if rules is not None else ROUTING_AND_ADAPTERS,
                                require_trainable=False))
   flat_mask = _paths(mask) if mask is not None else {}
   counts = {"total": 0, "trainable": 0}
@@ -242,20 +167,19 @@ def count_params(cfg_or_params, rules: Rules | str | None = None,
   return counts
 
 
-def paper_methods(rank: int = 1, n_skills: int = 8, n_splits: int = 8,
-                  n_tasks: int = 1) -> list[tuple[str, str, AdapterConfig]]:
-  """(row name, method, AdapterConfig) of the paper's T0-setting methods, for `method_report`."""
-  routed = dict(rank=rank, n_skills=n_skills, n_tasks=n_tasks)
-  return [
-      ("LoRA", "lora", AdapterConfig(kind="lora", rank=rank)),
-      ("(IA)^3", "ia3", AdapterConfig(kind="ia3")),
-      ("Poly", "poly", AdapterConfig(kind="poly", **routed)),
-      (f"MHR (S={n_splits})", "mhr", AdapterConfig(kind="mhr", n_splits=n_splits, **routed)),
-      ("Poly-z", "poly-z", AdapterConfig(kind="poly", **routed)),
-      (f"MHR-z (S={n_splits})", "mhr-z", AdapterConfig(kind="mhr", n_splits=n_splits, **routed)),
-      ("MHR-mu", "mhr-mu", AdapterConfig(kind="lora", rank=rank)),
-      ("Full fine-tuning", "full", AdapterConfig()),
-  ]
+def paper_methods(rank: int = 1, n_skills: int = 8, n_splits: int = 8, n_tasks: int = 1,
+                  names: Sequence[str] = ("lora", "ia3", "poly", "mhr", "poly-z", "mhr-z", "mhr-mu", "full")
+                  ) -> list[tuple[str, str, AdapterConfig]]:
+  """(row name, method, AdapterConfig of the model it trains) of `names` (default: the paper's T0-setting
+  methods), from the method table, for `method_report`."""
+  entries = []
+  for name in names:
+    method = methods.get(name)
+    kind = method.adapted_kind(method.pretrain_kind)
+    heads = n_splits if kind == "mhr" else 1
+    acfg = AdapterConfig(kind=kind, rank=rank, n_skills=n_skills, n_splits=heads, n_tasks=n_tasks)
+    entries.append((method.name + (f" (S={heads})" if kind == "mhr" else ""), method.name, acfg))
+  return entries
 
 
 def method_report(model_cfg, entries: Sequence[tuple[str, str, AdapterConfig]] | None = None,
@@ -265,7 +189,8 @@ def method_report(model_cfg, entries: Sequence[tuple[str, str, AdapterConfig]] |
   Args:
     model_cfg: `models.T5Config`; its adapter field is replaced by each entry's.
     entries: (row name, method for `default_rules`, AdapterConfig); default `paper_methods()`.
-    new_tasks: for "-z" methods, trainable = the routing rows of this many new tasks.
+    new_tasks: for adapters with task ids, trainable = the routing rows (or private adapters) of this many
+      new tasks, as few-shot adaptation trains them.
   Returns:
     Columns: method, adapted layers, adapter weights (inventory), routing logits, trainable, total.
   """
@@ -275,11 +200,11 @@ def method_report(model_cfg, entries: Sequence[tuple[str, str, AdapterConfig]] |
   for name, method, acfg in entries:
     params = abstract_params(model_cfg.replace(adapter=acfg))
     mask = None
-    if method.replace("_", "-").endswith("-z"):
+    if acfg.routed:
       # The last `new_tasks` rows play the new tasks (add_task_rows appends them).
       mask = routing_row_mask(params, range(max(0, acfg.n_tasks - new_tasks), acfg.n_tasks))
     c = count_params(params, method, mask)
-    inventory = count_params(params, _PRETRAIN)
+    inventory = count_params(params, ROUTING_AND_ADAPTERS)
     rows.append((name, c["adapted_layers"], inventory.get("adapters", 0),
                  inventory.get("routing", 0), c["trainable"], c["total"]))
   cells = [list(header)] + [[r[0]] + [f"{v:,}" for v in r[1:]] for r in rows]

@@ -87,12 +87,6 @@ def _draw_per_layer(flat, paths: list[Path], rng, draw) -> dict[Path, Any]:
           for p, d in draws.items()}
 
 
-def _require(acfg: AdapterConfig, kinds: Sequence[str], what: str) -> None:
-  if acfg.kind not in kinds:
-    raise ValueError(f"{what}: adapter.kind={acfg.kind!r} is not supported "
-                     f"(expected one of {tuple(kinds)})")
-
-
 def _check_task(acfg: AdapterConfig, task_id: int, what: str) -> None:
   if not 0 <= int(task_id) < acfg.n_tasks:
     raise ValueError(f"{what}: task_id={task_id} outside [0, adapter.n_tasks={acfg.n_tasks})")
@@ -135,28 +129,38 @@ def _lora_cfg(acfg: AdapterConfig) -> AdapterConfig:
   return acfg.replace(kind="lora", n_splits=1, routing="layer")
 
 
-def add_task_rows(cfg, params, n_new: int, rng: jax.Array):
+def add_task_rows(cfg, params, n_new: int, rng: jax.Array, init: str = "uniform"):
   """Appends `n_new` tasks (ids T .. T + n_new - 1) to a routed or private-LoRA model.
 
-  Poly / MHR: every routing-logits table (T, S, K) gets n_new rows drawn U(-1e-3, 1e-3) (a
-  near-uniform skill mix; METHODS.md); the inventory is unchanged. Private LoRA: every layer gets
-  n_new fresh adapters (A with the configured init, B = 0, so a new task starts as the base model).
+  Poly / MHR: every routing-logits table (T, S, K) gets n_new rows, drawn U(-1e-3, 1e-3) (init
+  "uniform": a near-uniform skill mix; METHODS.md) or equal to the mean of its T rows (init "mean":
+  the average routing of the known tasks); the inventory is unchanged. Private LoRA ("uniform" only):
+  every layer gets n_new fresh adapters (A with the configured init, B = 0, so a new task starts as
+  the base model).
 
   Returns:
     (cfg with adapter.n_tasks = T + n_new, params).
   """
   acfg = _adapter_cfg(cfg)
-  _require(acfg, ("poly", "mhr", "private_lora"), "add_task_rows")
+  if not acfg.uses_task_ids:
+    raise ValueError(f"add_task_rows: adapter.kind={acfg.kind!r} has no per-task rows")
   if n_new < 1:
     raise ValueError(f"add_task_rows: n_new={n_new} must be >= 1")
+  if init not in ("uniform", "mean") or (init == "mean" and not acfg.routed):
+    raise ValueError(f"add_task_rows: init={init!r}: expected 'uniform', or 'mean' for a routed adapter")
   flat = dict(_flat(params))
   if acfg.routed:
     keys = routing_paths(params)
     if not keys:
       raise ValueError("add_task_rows: params have no routing logits")
-    draw = lambda key, z: jax.random.uniform(key, (n_new,) + z.shape[1:], jnp.float32,
-                                             -ROUTING_INIT_BOUND, ROUTING_INIT_BOUND)
-    for key, rows in _draw_per_layer(flat, keys, rng, draw).items():
+    if init == "mean":
+      rows_of = {key: jnp.repeat(jnp.mean(jnp.asarray(flat[key], jnp.float32), axis=-3, keepdims=True),
+                                 n_new, axis=-3) for key in keys}
+    else:
+      draw = lambda key, z: jax.random.uniform(key, (n_new,) + z.shape[1:], jnp.float32,
+                                               -ROUTING_INIT_BOUND, ROUTING_INIT_BOUND)
+      rows_of = _draw_per_layer(flat, keys, rng, draw)
+    for key, rows in rows_of.items():
       z = flat[key]                                            # (..., T, S, K)
       flat[key] = jnp.concatenate([z, rows.astype(z.dtype)], axis=-3)
   else:
@@ -182,7 +186,8 @@ def select_task_rows(cfg, params, task_ids: Sequence[int]):
   (cfg with adapter.n_tasks = len(task_ids), params).
   """
   acfg = _adapter_cfg(cfg)
-  _require(acfg, ("poly", "mhr", "private_lora"), "select_task_rows")
+  if not acfg.uses_task_ids:
+    raise ValueError(f"select_task_rows: adapter.kind={acfg.kind!r} has no per-task rows")
   ids = [int(t) for t in task_ids]
   if not ids:
     raise ValueError("select_task_rows: task_ids is empty")
@@ -211,7 +216,8 @@ def to_mu(cfg, params):
     routing logits).
   """
   acfg = _adapter_cfg(cfg)
-  _require(acfg, ("poly", "mhr"), "to_mu")
+  if not acfg.routed:
+    raise ValueError(f"to_mu: adapter.kind={acfg.kind!r} has no skill inventory to average (poly, mhr)")
   flat = _drop_routing(_flat(params))
   for layer in adapted_layers(params):
     a, b = flat[layer + ("lora_a",)], flat[layer + ("lora_b",)]
@@ -232,7 +238,8 @@ def extract_task_lora(cfg, params, task_id: int, anneal: float | None = None):
     (cfg with adapter.kind = "lora", params with plain lora_a / lora_b and no routing logits).
   """
   acfg = _adapter_cfg(cfg)
-  _require(acfg, ("poly", "mhr", "private_lora"), "extract_task_lora")
+  if not acfg.uses_task_ids:
+    raise ValueError(f"extract_task_lora: adapter.kind={acfg.kind!r} has no per-task adapter")
   _check_task(acfg, task_id, "extract_task_lora")
   full = _flat(params)
   flat = _drop_routing(full)
@@ -262,7 +269,8 @@ def merge_into_base(cfg, params, task_id: int | None = None):
     (cfg with adapter.kind = "none", params with only base weights).
   """
   acfg = _adapter_cfg(cfg)
-  _require(acfg, ("lora", "private_lora", "poly", "mhr", "ia3"), "merge_into_base")
+  if acfg.kind == "none":
+    raise ValueError("merge_into_base: adapter.kind='none' has no adapter to merge")
   if acfg.uses_task_ids:
     if task_id is None:
       raise ValueError(f"merge_into_base: adapter.kind={acfg.kind!r} needs task_id "

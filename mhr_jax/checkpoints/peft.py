@@ -30,7 +30,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from mhr_jax.adapters.config import AdapterConfig
+from mhr_jax.adapters.config import KIND_TABLE, AdapterConfig
 from mhr_jax.adapters.transforms import adapted_layers
 from mhr_jax.checkpoints import atomic, hf_t5
 from mhr_jax.models import layout
@@ -40,7 +40,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 TORCH_WEIGHTS_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
 TASK_TYPE = "SEQ_2_SEQ_LM"
-_PEFT_TYPES = {"poly": "POLY", "mhr": "POLY", "lora": "LORA", "ia3": "IA3"}
 _TENSOR_SUFFIXES = {
     "POLY": ("poly_lora_A", "poly_lora_B", "poly_router.module_logits"),
     "LORA": ("lora_A.weight", "lora_B.weight"),
@@ -94,10 +93,11 @@ def export_peft(path, cfg, params, adapter_cfg: AdapterConfig | None = None,
   """
   from safetensors.numpy import save_file
   acfg = cfg.adapter if adapter_cfg is None else adapter_cfg
-  if acfg.kind not in _PEFT_TYPES:
+  peft_type = acfg.info.peft_type
+  if peft_type is None:
+    exportable = sorted(k for k, info in KIND_TABLE.items() if info.peft_type)
     raise ValueError(f"export_peft: adapter.kind={acfg.kind!r} has no PEFT equivalent (supported: "
-                     f"{sorted(_PEFT_TYPES)}; private_lora: export transforms.extract_task_lora)")
-  peft_type = _PEFT_TYPES[acfg.kind]
+                     f"{exportable}; private_lora: export transforms.extract_task_lora)")
   params = layout.to_unscanned(cfg, params)
   flat = traverse_util.flatten_dict(dict(params))
   modules = linear_modules(cfg)

@@ -73,6 +73,33 @@ class T5Config:
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
+    self._check_adapter_widths()
+
+  def _check_adapter_widths(self) -> None:
+    """MHR splits every adapted layer's input and output widths into n_splits heads (METHODS.md): refuse
+    a config where they do not divide, before any model is built."""
+    splits = self.adapter.n_splits
+    if splits == 1 or self.adapter.kind == "none":
+      return
+    for path, (d_in, d_out) in self.linear_layers().items():
+      if self.adapter.targets(path) and (d_in % splits or d_out % splits):
+        raise ValueError(f"adapter.n_splits={splits} must divide the widths of every adapted layer; "
+                         f"{path} has d_in={d_in}, d_out={d_out}")
+
+  def linear_layers(self) -> dict[str, tuple[int, int]]:
+    """{module path: (d_in, d_out)} of every linear layer an adapter may target, in the unscanned naming
+    ("encoder/block_0/self_attention/q"), as AdapterConfig.target_modules matches them."""
+    inner, d, ff = self.inner_dim, self.d_model, self.d_ff
+    attention = {"q": (d, inner), "k": (d, inner), "v": (d, inner), "o": (inner, d)}
+    mlp = {"wi_0": (d, ff), "wi_1": (d, ff), "wo": (ff, d)} if self.gated else {"wi": (d, ff), "wo": (ff, d)}
+    layers = {}
+    for stack, n_layers in (("encoder", self.num_layers), ("decoder", self.num_decoder_layers)):
+      blocks = ("self_attention",) + (("cross_attention",) if stack == "decoder" else ())
+      for i in range(n_layers):
+        for block in blocks:
+          layers.update({f"{stack}/block_{i}/{block}/{name}": dims for name, dims in attention.items()})
+        layers.update({f"{stack}/block_{i}/mlp/{name}": dims for name, dims in mlp.items()})
+    return layers
 
   @property
   def gated(self) -> bool:
