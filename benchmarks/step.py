@@ -22,8 +22,9 @@ base, 3 when the base trains) and % of the measured matmul peak.
 
 Consecutive cases of one side run in one worker process (JAX's and PyTorch's allocators never share
 the GPU; JAX's worker may use 92% of its memory, XLA_PYTHON_CLIENT_MEM_FRACTION); a case that
-runs past --case_timeout_s, or past what is left of --budget_s, has its worker killed and is
-recorded as "timeout", and a fresh worker carries on with the remaining cases. Results go to
+runs past its time limit (--case_timeout_s, or its own in --case_timeouts), or past what is left of
+--budget_s, has its worker killed and is recorded as "timeout", and a fresh worker carries on with the
+remaining cases. Results go to
 <out_dir>/step_results.json (settings, machine, records) and step_results.md (tables, targets).
 """
 from __future__ import annotations
@@ -79,6 +80,20 @@ def expand_cases(args) -> list[str]:
     if len(parts) == 3 and parts[1] not in METHODS:
       raise SystemExit(f"--cases/--methods: unknown method {parts[1]!r} in {case}")
   return list(dict.fromkeys(out))
+
+
+def case_timeouts(args, cases: list[str]) -> dict[str, float]:
+  """Each case's time limit: --case_timeout_s, or the case's own in --case_timeouts ("case=seconds,...")."""
+  limits = dict.fromkeys(cases, args.case_timeout_s)
+  for item in filter(None, args.case_timeouts.split(",")):
+    case, _, seconds = item.rpartition("=")
+    if case not in limits:
+      raise SystemExit(f"--case_timeouts: {case!r} is not one of the cases {list(limits)}")
+    try:
+      limits[case] = float(seconds)
+    except ValueError:
+      raise SystemExit(f"--case_timeouts: {item!r} is not case=seconds") from None
+  return limits
 
 
 def side(case: str) -> str:
@@ -202,8 +217,8 @@ def _read(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_side(cases, settings, args, work_dir, deadline, env) -> tuple[list[dict], dict]:
-  """Runs `cases` in worker processes, each case under its time guard."""
+def run_side(cases, settings, args, work_dir, deadline, env, timeouts) -> tuple[list[dict], dict]:
+  """Runs `cases` in worker processes, each case under its time guard (`timeouts`: seconds by case)."""
   records, machine, remaining = [], {}, list(cases)
   while remaining:
     if deadline - time.time() < args.min_case_s:
@@ -214,12 +229,12 @@ def run_side(cases, settings, args, work_dir, deadline, env) -> tuple[list[dict]
     current, started, stop = None, time.time(), None
     startup_limit = time.time() + args.startup_timeout_s
     while True:
-      limit = (min(started + args.case_timeout_s, deadline) if current
+      limit = (min(started + timeouts[current], deadline) if current
                else min(startup_limit, deadline))
       try:
         line = lines.get(timeout=max(0.1, limit - time.time()))
       except queue.Empty:
-        stop = ("timeout", f"no result within {limit - started:.0f} s") if current else \
+        stop = ("timeout", f"no result within {limit - started:g} s") if current else \
             ("error", "worker did not start in time")
         break
       if line is None:
@@ -346,7 +361,9 @@ def parse_args(argv=None):
                         ("choices", 4), ("choice_len", 16), ("decode_len", 32), ("n_pairs", 16)):
     p.add_argument(f"--{name}", type=int, default=default)
   p.add_argument("--budget_s", type=float, default=3600.0, help="wall time for all cases")
-  p.add_argument("--case_timeout_s", type=float, default=600.0)
+  p.add_argument("--case_timeout_s", type=float, default=600.0, help="time limit of every case")
+  p.add_argument("--case_timeouts", default="", help="cases with their own time limit, e.g. "
+                 "'compile:mhr:8=60,peak=30'")
   p.add_argument("--startup_timeout_s", type=float, default=180.0)
   p.add_argument("--min_case_s", type=float, default=15.0,
                  help="cases left when less than this remains of the budget are skipped")
@@ -382,6 +399,7 @@ def main(argv=None) -> int:
   deadline = start + args.budget_s
   settings = settings_from(args)
   cases = expand_cases(args)
+  timeouts = case_timeouts(args, cases)
   if args.interleave and shutil.which("nvidia-smi"):
     raise SystemExit("--interleave is for CPU runs: on a GPU each side needs its own process")
   os.makedirs(args.out_dir, exist_ok=True)
@@ -407,7 +425,7 @@ def main(argv=None) -> int:
     records += interleaved([c for c in cases if c.split(":")[0] in _INTERLEAVED], settings,
                            machine)
   for group in filter(None, groups):
-    rows, info = run_side(group, settings, args, work_dir, deadline, env)
+    rows, info = run_side(group, settings, args, work_dir, deadline, env, timeouts)
     records += rows
     if info:
       machine[side(group[0])] = info

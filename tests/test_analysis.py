@@ -49,11 +49,11 @@ def analysed(env, tmp_path_factory):
   run_dir = str(tmp_path_factory.mktemp("analysis") / "run")
   trained = subprocess.run(
       [sys.executable, "-m", "mhr_jax.train", "--gin_file=configs/tiny.gin", f"--gin.MODEL_DIR='{run_dir}'",
-       "--gin.TRAIN_STEPS=2"], cwd=REPO, env=one_device, capture_output=True, text=True, timeout=300)
+       "--gin.TRAIN_STEPS=2"], cwd=REPO, env=one_device, capture_output=True, text=True, timeout=600)
   assert trained.returncode == 0, trained.stderr[-3000:]
   result = subprocess.run(
       [sys.executable, "-m", "mhr_jax.analysis", f"--run_dir={run_dir}", f"--grad_batches={GRAD_BATCHES}",
-       f"--batch_size={BATCH_SIZE}"], cwd=REPO, env=one_device, capture_output=True, text=True, timeout=300)
+       f"--batch_size={BATCH_SIZE}"], cwd=REPO, env=one_device, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return run_dir, os.path.join(run_dir, "analysis"), result
 

@@ -126,3 +126,58 @@ def test_read_state_names_every_leaf(tmp_path, small_limit):
                                    "frozen/enc/big", "opt_state/0", "opt_state/1"])
   np.testing.assert_array_equal(leaves["opt_state/0"], 7)
   np.testing.assert_array_equal(leaves["frozen/enc/kernel"], np.asarray(state["frozen"]["enc"]["kernel"]))
+
+
+def _bits(x):
+  """(dtype, shape, raw bytes) of an array: equal only for a bit-for-bit copy (NaN payloads, -0.0 included)."""
+  x = np.asarray(x)
+  return x.dtype, x.shape, x.tobytes()
+
+
+def _values_float32_would_change():
+  """Leaf name -> values of every dtype a state holds, most of which a trip through float32 changes. With jax
+  x64 disabled 64-bit leaves exist only as host NumPy arrays ("host_" leaves, packed as the others are)."""
+  signalling_nan = np.array([0x7FF0000000000001], np.uint64).view(np.float64)[0]
+  return {
+      "int32": np.array([2**24 + 1, -(2**31), 2**31 - 1], np.int32),
+      "uint32": np.array([2**32 - 1, 2**24 + 1], np.uint32),
+      "float32": np.array([1 + 2**-23, 3.4e38, 1e-45, -0.0], np.float32),
+      "bfloat16": np.array([1.0078125, -3.3895e38, 9.2e-41, np.inf], jnp.bfloat16),
+      "bool": np.array([True, False, True, True]),
+      "host_float64": np.array([1 + 2**-52, 1e300, 5e-324, -0.0, np.pi, -1 / 3, signalling_nan], np.float64),
+      "host_int64": np.array([2**53 + 1, -(2**63), 2**63 - 1], np.int64),
+      "host_int32": np.array([2**24 + 1, -(2**31)], np.int32),
+      "host_uint32": np.array([2**32 - 1], np.uint32),
+      "host_bfloat16": np.array([1.0078125, -1.0], jnp.bfloat16),
+      "host_bool": np.array([False, True]),
+  }
+
+
+def test_every_dtype_round_trips_bit_for_bit(tmp_path):
+  """Each packed group restores in its own saved dtype: no leaf goes through float32 (or any other dtype).
+  Device leaves (replicated) are params, as restore_params reads them; 64-bit host leaves sit outside the
+  params, since restore_params puts params on a device, where x64-disabled JAX has no 64-bit types."""
+  replicated = NamedSharding(_mesh(2), P())
+  values = _values_float32_would_change()
+  where = {name: "host" if v.dtype.itemsize == 8 else "trainable" for name, v in values.items()}
+  state = {"trainable": {}, "host": {}}
+  for name, v in values.items():
+    state[where[name]][name] = v if name.startswith("host_") else jax.device_put(v, replicated)
+  checkpointer = _save(tmp_path / "checkpoints", state)
+  groups = {e["path"][-1]: e["group"] for e in packing.pack(state)[1]["leaves"]}
+  assert groups["uint32"] == "uint32" and groups["host_float64"] == "float64_host"
+  assert None not in groups.values()  # every leaf is packed: the test is about the packed groups
+  restored, _ = checkpointer.restore(3, state)
+  checkpointer.close()
+  for name, want in values.items():
+    got = restored[where[name]][name]
+    assert isinstance(got, np.ndarray) == name.startswith("host_"), name
+    assert _bits(got) == _bits(want), name
+  on_host = read_state(str(tmp_path / "checkpoints"), 3)
+  assert sorted(on_host) == sorted(f"{where[name]}/{name}" for name in values)
+  for name, want in values.items():
+    assert _bits(on_host[f"{where[name]}/{name}"]) == _bits(want), name
+  params = restore_params(str(tmp_path / "checkpoints"), 3)
+  assert sorted(params) == sorted(state["trainable"])
+  for name, got in params.items():
+    assert _bits(got) == _bits(values[name]), name

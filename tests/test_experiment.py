@@ -1,5 +1,5 @@
 """The experiment command end to end at the smallest sizes: every stage, the results files and their
-consistency, skipping finished stages, a kill -9 at a random moment, and one-line config errors."""
+consistency, skipping finished stages, a kill -9 in the middle of a stage, and one-line config errors."""
 import argparse
 import csv
 import glob
@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from mhr_jax import cli, experiment
 from mhr_jax import config as config_lib
 
 REPO = config_lib.REPO_ROOT
+# Only against a hung run: one experiment run below took 300 s on a loaded 2-core machine.
+HANG_GUARD_S = 3600
 TINY = """
 include 'configs/models/tiny.gin'
 MODEL_DIR = %gin.REQUIRED
@@ -74,7 +75,7 @@ def _command(config_file, model_dir, *flags):
 
 def _run(env, config_file, model_dir, *flags):
   return subprocess.run(_command(config_file, model_dir, *flags), cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900)
+                        text=True, timeout=HANG_GUARD_S)
 
 
 def _read(path):
@@ -182,19 +183,37 @@ def _tmp_files(model_dir):
           if ".tmp" in os.path.basename(p) and not p.endswith(".orbax-checkpoint-tmp")]
 
 
+# `python -m mhr_jax.experiment ARGS` that SIGKILLs itself as soon as it opens a run checkpoint directory under
+# PREFIX: the kill lands at that moment whatever the machine's speed or load. (A watcher process polling for
+# the directory sees it late when it is starved of CPU, and the stage may by then have finished.)
+KILL_AT_CHECKPOINTER = """
+import os, runpy, signal, sys
+from mhr_jax import run_checkpoints
+prefix, init = sys.argv[1], run_checkpoints.RunCheckpointer.__init__
+
+def init_then_kill(self, directory, *args, **kwargs):
+  init(self, directory, *args, **kwargs)
+  if os.path.abspath(directory).startswith(prefix):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+run_checkpoints.RunCheckpointer.__init__ = init_then_kill
+sys.argv = ["mhr_jax.experiment", *sys.argv[2:]]
+runpy.run_module("mhr_jax.experiment", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_kill_9_then_rerun_finishes_with_the_same_table(finished, env, config_file, tmp_path):
-  """SIGKILL in the middle of an adaptation stage (after pre-training), then the same command: the finished
-  stages are skipped, the killed one continues, and the table equals the uninterrupted run's."""
+  """SIGKILL in the middle of an adaptation stage (after pre-training: when adapt/mhr-z opens its resume
+  directory), then the same command: the finished stages are skipped, the killed one continues, and the
+  table equals the uninterrupted run's."""
   reference = _read(os.path.join(finished[0], "results.json"))["summary"]
   model_dir = str(tmp_path / "run")
-  process = subprocess.Popen(_command(config_file, model_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
   marker = os.path.join(model_dir, "adapt", "mhr-z", "resume")
-  deadline = time.time() + 600
-  while not os.path.isdir(marker) and process.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  killed = subprocess.run([sys.executable, "-c", KILL_AT_CHECKPOINTER, marker,
+                           *_command(config_file, model_dir)[3:]], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=HANG_GUARD_S)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert os.path.isdir(marker)
   assert not os.path.exists(os.path.join(model_dir, "results.json"))
   assert not os.path.exists(os.path.join(model_dir, "adapt", "mhr-z", "results.json"))
   rerun = _run(env, config_file, model_dir)

@@ -153,7 +153,11 @@ for arg in "$@"; do
 done
 [[ "$worker" == all ]] && exit 0
 echo "output of worker $worker"
-[[ "$worker" == 0 ]] && sleep 1   # worker 0 fails last
+# Worker 0 fails last, whatever the machine's load: it waits until the launcher has recorded worker 1's end
+# (a bounded wait, so that a broken launcher fails the test instead of hanging it).
+if [[ "$worker" == 0 ]]; then
+  for _ in $(seq 6000); do grep -qx "1 3" "$FAKE_FINISHED" 2> /dev/null && break; sleep 0.05; done
+fi
 exit $(( worker == 0 ? 1 : 3 ))
 """
 
@@ -162,7 +166,8 @@ def test_tpu_vm_run_keeps_a_log_and_exit_status_per_worker_and_reports_the_first
   bin_dir, log_dir = tmp_path / "bin", tmp_path / "logs"
   bin_dir.mkdir()
   fake_executable(bin_dir, "gcloud", FAKE_GCLOUD)
-  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "gcloud.log")}
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "gcloud.log"),
+         "FAKE_FINISHED": str(log_dir / "finished")}
   # No --accelerator / --workers: the worker count comes from gcloud's description of the TPU.
   result = launch(TPU_VM, "run", *TPU, f"--log-dir={log_dir}", "--gin_file=x.gin", env=env, check=False)
   assert result.returncode == 3, result.stderr

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -32,19 +31,33 @@ def metrics(model_dir):
     return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def run_until(env, model_dir, step, sig, timeout=300):
-  """Starts a run, sends `sig` once metrics.jsonl reaches `step`, returns (returncode, stderr)."""
-  proc = subprocess.Popen(command(model_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + timeout
-  while proc.poll() is None and time.time() < deadline:
-    records = metrics(model_dir)
-    if records and records[-1]["step"] >= step:
-      proc.send_signal(sig)
-      break
-    time.sleep(0.02)
-  _, stderr = proc.communicate(timeout=timeout)
-  return proc.returncode, stderr
+# `python -m mhr_jax.train ARGS` that sends itself signal SIGNUM as soon as it has written the metrics of
+# step STEP: the signal lands at that step whatever the machine's speed or load. (A watcher process polling
+# metrics.jsonl sees the step late when it is starved of CPU, and the run may by then have passed the next
+# checkpoint or finished.)
+SIGNAL_AT_STEP = """
+import os, runpy, sys
+from mhr_jax import logging_utils
+step, signum = int(sys.argv[1]), int(sys.argv[2])
+write = logging_utils.MetricsJsonl.write
+
+def write_then_signal(self, at, record):
+  write(self, at, record)
+  if at == step:
+    os.kill(os.getpid(), signum)
+
+logging_utils.MetricsJsonl.write = write_then_signal
+sys.argv = ["mhr_jax.train", *sys.argv[3:]]
+runpy.run_module("mhr_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_until(env, model_dir, step, sig):
+  """Runs the command, the run signalling itself `sig` once it has logged `step`; (returncode, stderr)."""
+  flags = command(model_dir)[3:]
+  result = subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(step), str(int(sig)), *flags], cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+  return result.returncode, result.stderr
 
 
 def final_state(model_dir):
@@ -67,7 +80,7 @@ def reference(env, tmp_path_factory):
 def test_sigterm_then_kill9_then_resume_equals_uninterrupted_run(env, reference, tmp_path):
   model_dir = str(tmp_path / "run")
 
-  # 1. SIGTERM after step 2: the handler saves a checkpoint at the step it finishes, then exits.
+  # 1. SIGTERM once step 2 is logged: the handler saves a checkpoint at the step it finishes, then exits.
   status, stderr = run_until(env, model_dir, 2, signal.SIGTERM)
   assert status == cli.EXIT_PREEMPTED, stderr[-3000:]
   saved = sorted(int(s) for s in os.listdir(os.path.join(model_dir, "checkpoints")) if s.isdigit())
@@ -76,7 +89,7 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted_run(env, reference,
   with open(os.path.join(model_dir, "results.json")) as f:
     assert json.load(f)["status"] == "preempted"
 
-  # 2. Resume, then SIGKILL after step 7 (past the periodic checkpoint at 5): no chance to save.
+  # 2. Resume, then SIGKILL once step 7 is logged (past the periodic checkpoint at 5): no chance to save.
   status, stderr = run_until(env, model_dir, 7, signal.SIGKILL)
   assert status == -signal.SIGKILL, stderr[-3000:]
   assert f"resumed from {model_dir}/checkpoints/{saved[0]}" in stderr

@@ -23,7 +23,7 @@ from mhr_jax.run_checkpoints import restore_params
 REPO = config_lib.REPO_ROOT
 
 
-def run_cli(env, *flags, timeout=300):
+def run_cli(env, *flags, timeout=600):
   cmd = [sys.executable, "-m", "mhr_jax.train", "--gin_file=configs/tiny.gin", *flags]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
