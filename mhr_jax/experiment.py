@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
+from typing import Sequence
 
 import gin
 import jax
@@ -30,9 +32,10 @@ from mhr_jax.logging_utils import banner, log
 from mhr_jax.storage import read_json, write_json_atomic
 
 
-def load_experiment(args: argparse.Namespace) -> plan_lib.Experiment:
-  """Parses the experiment's gin files and flags (once: every stage's config is built from them)."""
-  config_lib.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+def load_experiment(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()
+                    ) -> plan_lib.Experiment:
+  """Parses the experiment's gin files and bindings (once: every stage's config is built from them)."""
+  config_lib.parse_gin(gin_files, bindings, search_paths)
   try:
     return plan_lib.Experiment()
   except (ValueError, TypeError) as e:
@@ -52,13 +55,24 @@ def stage_done(stage: plan_lib.Stage, cfg: config_lib.ExperimentConfig | None) -
   return results.get("step" if stage.kind == "train" else "steps") == cfg.run.train_steps
 
 
-def run(args: argparse.Namespace) -> int:
+def plan_stages(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()
+                ) -> tuple[plan_lib.Experiment, dict[str, tuple[config_lib.ExperimentConfig, str]]]:
+  """The experiment and {stage name: (its checked config, its config.gin text)} of every stage but the
+  analyses: everything a run checks before it writes anything."""
+  exp = load_experiment(gin_files, bindings, search_paths)
+  return exp, {s.name: plan_lib.stage_config(exp, s) for s in plan_lib.plan(exp) if s.kind != "analysis"}
+
+
+def run_experiment(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
+                   dry_run: bool = False) -> int:
+  """Plans and runs the experiment that the gin files and bindings describe; returns 0 when done (then
+  MODEL_DIR holds the tables), else the exit status of the stage that stopped (143 after SIGTERM). With
+  `dry_run`, logs the plan and runs nothing. ConfigError / RunError for what the user can fix, before
+  anything is written."""
   banner("plan")
-  exp = load_experiment(args)
+  exp, configs = plan_stages(gin_files, bindings, search_paths)
   stages = plan_lib.plan(exp)
   by_name = {stage.name: stage for stage in stages}
-  # Every stage's config, built and checked before anything is written.
-  configs = {s.name: plan_lib.stage_config(exp, s) for s in stages if s.kind != "analysis"}
   rows = []
   for stage in stages:
     cfg = configs[stage.name][0] if stage.name in configs else None
@@ -67,13 +81,15 @@ def run(args: argparse.Namespace) -> int:
                  "row_kind": stage.row_kind, "after": list(stage.after), "steps": steps})
     log.info("%-28s %-7s %s%s%s", stage.name, stage.kind, stage.directory,
              "" if steps is None else f", {steps} steps", " (done)" if stage_done(stage, cfg) else "")
-  if args.dry_run:
+  if dry_run:
     return 0
+  if exp.base_run is not None:
+    plan_lib.check_base_run(exp.base_run)
   os.makedirs(exp.model_dir, exist_ok=True)
-  _share_compiled_programs(exp.model_dir)
+  share_compiled_programs(exp.model_dir)
   write_json_atomic(os.path.join(exp.model_dir, "plan.json"),
                     {"model_dir": os.path.abspath(exp.model_dir), "stages": rows,
-                     "command": " ".join(["python -m mhr_jax.experiment", *sys.argv[1:]])})
+                     "command": command_line(gin_files, bindings, search_paths)})
   start = time.time()
   for stage in stages:
     cfg, text = configs.get(stage.name, (None, None))
@@ -95,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
-def _share_compiled_programs(model_dir: str) -> None:
+def share_compiled_programs(model_dir: str) -> None:
   """A persistent compilation cache for the stages: many compile the same programs (every LoRA-kind
   adaptation's step and decoder, for one), and each stage builds its own jitted functions, so without it
   they would compile again. JAX_COMPILATION_CACHE_DIR, when set, wins."""
@@ -116,6 +132,17 @@ def _run_stage(exp: plan_lib.Experiment, stage: plan_lib.Stage, by_name: dict, c
     return fewshot.adapt(cfg, text, mesh)
   pretrain.check_start(cfg)
   return pretrain.pretrain(cfg, text, mesh)
+
+
+def command_line(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> str:
+  """The `python -m mhr_jax.experiment` command that runs these gin files and bindings."""
+  flags = ([f"--gin_search_paths={p}" for p in search_paths] + [f"--gin_file={f}" for f in gin_files]
+           + [f"--gin_bindings={b}" for b in bindings])
+  return " ".join(["python -m mhr_jax.experiment", *map(shlex.quote, flags)])
+
+
+def run(args: argparse.Namespace) -> int:
+  return run_experiment(args.gin_file, args.gin_bindings, args.gin_search_paths, args.dry_run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ could have made (T5X chains pretrain.gin -> finetune.gin the same way, by paths)
   MODEL_DIR/adapt/<method>/       few-shot adaptation of every (held-out task, seed) pair, per method
   MODEL_DIR/control/<method>/     the same from the base with a fresh adapter (no multi-task pre-training)
   MODEL_DIR/zeroshot/<name>/      held-out evaluation without any task data (0 adaptation steps)
-  MODEL_DIR/analysis/<kind>/      routing heatmaps, task similarity, gradient alignment of routed runs
+  MODEL_DIR/analysis/<kind>/      routing heatmaps, task similarity, gradient alignment of pre-training runs
 
 A stage's config is built as objects: the experiment's gin files are parsed once; each stage instantiates
 the config dataclasses under its gin scope (base, pretrain, mu, adapt), so that
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Mapping
 
 import gin
@@ -31,7 +32,7 @@ from mhr_jax import config as config_lib
 from mhr_jax.adapters import methods
 from mhr_jax.adapters.config import KIND_TABLE
 from mhr_jax.errors import ConfigError
-from mhr_jax.storage import check_local_paths
+from mhr_jax.storage import check_local_paths, read_json
 
 
 
@@ -49,47 +50,66 @@ class Experiment:
 
   Attributes:
     model_dir: the experiment directory (MODEL_DIR); every stage is a run directory below it.
-    base_checkpoint: a Hugging Face T5 directory as the base; None trains one first (stage "base":
-      multi-task full fine-tuning on the training tasks, settings under the gin scope "base").
+    base_checkpoint: a Hugging Face T5 directory as the base; None (and no base_run) trains one first
+      (stage "base": multi-task full fine-tuning on the training tasks, settings under the gin scope "base").
+    base_run: a finished run directory of adapter kind "none" (e.g. another experiment's base stage) whose
+      latest checkpoint is the base: experiments that share one base need not train it again.
     pretrain: adapter kinds pre-trained multi-task from the base (adapters.methods.pretrainable_kinds()).
     adapt: few-shot methods (adapters.methods.METHODS); each starts from the pre-training run of its
-      record's `pretrain_kind` (mhr, mhr-z, mhr-mu from "mhr"; full from the base).
+      record's `pretrain_kind` (mhr, mhr-z, mhr-mu from "mhr"; full from the base). An entry
+      "<method>@<variant>" adapts the method with the settings of the gin scope adapt/<variant> as well
+      (e.g. `adapt/fast/OptimizerConfig.routing_lr = 1.0`): its own stage adapt/<method>@<variant> and row.
     controls: methods adapted from the base with a fresh adapter, as the no-pre-training control (those
       whose record allows `control`).
     zero_shot: held-out evaluation with no task data: "base", a pre-trained kind without task ids
       ("lora", "ia3"), or "<kind>-mu" for zero-shot MHR-mu / Poly-mu (the averaged skills, trained
       `mu_steps` more multi-task steps; scope "mu").
     mu_steps: the multi-task steps of each "<kind>-mu" stage.
-    analysis: analyse each routed pre-training run (mhr_jax.analysis).
+    analysis: analyse pre-training runs (mhr_jax.analysis: routing, task similarity, gradient alignment).
+    analysis_kinds: the pre-trained kinds analysed; None: those with routing.
     analysis_grad_batches: batches per task for the gradient alignment of the analysis.
   """
   model_dir: str = ""
   base_checkpoint: str | None = None
+  base_run: str | None = None
   pretrain: tuple = ("poly", "mhr", "lora")
   adapt: tuple = ("poly", "poly-z", "poly-mu", "mhr", "mhr-z", "mhr-mu", "lora")
   controls: tuple = ("lora",)
   zero_shot: tuple = ("base",)
   mu_steps: int = 0
   analysis: bool = True
+  analysis_kinds: tuple | None = None
   analysis_grad_batches: int = 2
 
   def __post_init__(self):
     for name in ("pretrain", "adapt", "controls", "zero_shot"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.analysis_kinds is None:
+      object.__setattr__(self, "analysis_kinds", tuple(k for k in self.pretrain if KIND_TABLE[k].routed))
+    object.__setattr__(self, "analysis_kinds", tuple(self.analysis_kinds))
     if not self.model_dir:
       raise ConfigError("Experiment.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\"")
-    check_local_paths("Experiment", self, ("model_dir", "base_checkpoint"))
+    check_local_paths("Experiment", self, ("model_dir", "base_checkpoint", "base_run"))
     if self.base_checkpoint is not None and not os.path.isdir(self.base_checkpoint):
       raise ConfigError(f"Experiment.base_checkpoint={self.base_checkpoint!r}: no such directory")
+    if self.base_checkpoint is not None and self.base_run is not None:
+      raise ConfigError("Experiment.base_checkpoint and Experiment.base_run both give the base: give one")
+    for kind in self.analysis_kinds if self.analysis else ():
+      if kind not in self.pretrain:
+        raise ConfigError(f"Experiment.analysis_kinds: {kind!r} is not pre-trained (Experiment.pretrain)")
     kinds = methods.pretrainable_kinds()
     for kind in self.pretrain:
       if kind not in kinds:
         raise ConfigError(f"Experiment.pretrain: unknown adapter kind {kind!r}; expected some of {kinds}")
     for key in ("adapt", "controls"):
-      for method in getattr(self, key):
+      for entry in getattr(self, key):
+        method, variant = split_entry(entry)
         if method not in methods.METHOD_TABLE:
           raise ConfigError(f"Experiment.{key}: unknown method {method!r}; expected some of {methods.METHODS}")
-    for method in self.adapt:
+        if variant is not None and (key == "controls" or not re.fullmatch(r"[A-Za-z_]\w*", variant)):
+          raise ConfigError(f"Experiment.{key}: {entry!r}: a variant is '<method>@<gin scope name>' (letters, "
+                            "digits, '_'), for Experiment.adapt")
+    for method in (split_entry(e)[0] for e in self.adapt):
       kind = methods.METHOD_TABLE[method].pretrain_kind
       if kind != "none" and kind not in self.pretrain:
         raise ConfigError(f"Experiment.adapt: {method!r} adapts a pre-trained {kind!r} adapter; add {kind!r} "
@@ -107,6 +127,24 @@ class Experiment:
       raise ConfigError(f"Experiment.mu_steps={self.mu_steps}: must be >= 0")
     if self.analysis_grad_batches < 1:
       raise ConfigError(f"Experiment.analysis_grad_batches={self.analysis_grad_batches}: must be >= 1")
+
+
+def check_base_run(run_dir: str) -> None:
+  """ConfigError unless `run_dir` is a finished pre-training run of the plain base (adapter kind "none");
+  checked when the experiment starts running (a study plans its cells before their base is trained)."""
+  results = read_json(os.path.join(run_dir, "results.json"))
+  if results is None or results.get("status") != "done" or results.get("mode") != "pretrain":
+    raise ConfigError(f"Experiment.base_run={run_dir!r}: not a finished pre-training run directory "
+                      "(no results.json with status 'done')")
+  kind = config_lib.saved_adapter_config(run_dir).kind
+  if kind != "none":
+    raise ConfigError(f"Experiment.base_run={run_dir!r}: holds adapter kind {kind!r}; a base is kind 'none'")
+
+
+def split_entry(entry: str) -> tuple[str, str | None]:
+  """An Experiment.adapt entry "<method>[@<variant>]" as (method, variant or None)."""
+  method, _, variant = entry.partition("@")
+  return method, (variant or None) if "@" in entry else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +185,10 @@ def plan(exp: Experiment) -> list[Stage]:
   where = lambda name: os.path.join(root, *name.split("/"))  # noqa: E731
   stages: list[Stage] = []
 
-  if exp.base_checkpoint is None:
+  if exp.base_run is not None:
+    base = os.path.abspath(exp.base_run)
+    base_start, adapt_from_base, base_after = {"init_run": base}, {"pretrain_dir": base}, ()
+  elif exp.base_checkpoint is None:
     stages.append(Stage("base", "train", "base", where("base"),
                         {"run": _run(where("base"), "pretrain"), "adapter": _adapter("none")}))
     base_start, adapt_from_base, base_after = ({"init_run": where("base")}, {"pretrain_dir": where("base")},
@@ -169,9 +210,9 @@ def plan(exp: Experiment) -> list[Stage]:
                       train_steps=exp.mu_steps or 1),
           "adapter": _adapter("lora")}, after=(source,)))
 
-  def adapt_stage(name, method, kind, start, after, row, row_kind, steps=None):
+  def adapt_stage(name, method, kind, start, after, row, row_kind, steps=None, variant=None):
     run = _run(where(name), "adapt", **start, **({} if steps is None else {"train_steps": steps}))
-    return Stage(name, "adapt", "adapt", where(name),
+    return Stage(name, "adapt", "adapt" if variant is None else f"adapt/{variant}", where(name),
                  {"run": run, "adapter": _adapter(kind), "adapt": {"method": method}},
                  row=row, row_kind=row_kind, after=after)
 
@@ -185,21 +226,21 @@ def plan(exp: Experiment) -> list[Stage]:
       method = "lora" if entry.endswith("-mu") else entry
       stages.append(adapt_stage(name, method, method, {"pretrain_dir": where(source)}, (source,),
                                 f"{entry} (zero-shot)", "zero-shot", steps=0))
-  for method in exp.adapt:
+  for entry in exp.adapt:
+    method, variant = split_entry(entry)
     kind = methods.METHOD_TABLE[method].pretrain_kind
     if kind == "none":
       start, after = adapt_from_base, base_after
     else:
       start, after = {"pretrain_dir": where(f"pretrain/{kind}")}, (f"pretrain/{kind}",)
-    stages.append(adapt_stage(f"adapt/{method}", method, kind, start, after, method, "few-shot"))
+    stages.append(adapt_stage(f"adapt/{entry}", method, kind, start, after, entry, "few-shot", variant=variant))
   for method in exp.controls:
     stages.append(adapt_stage(f"control/{method}", method, methods.METHOD_TABLE[method].pretrain_kind,
                               adapt_from_base, base_after, f"{method} (no pre-training)", "control"))
   if exp.analysis:
-    for kind in exp.pretrain:
-      if KIND_TABLE[kind].routed:
-        stages.append(Stage(f"analysis/{kind}", "analysis", "pretrain", where(f"analysis/{kind}"),
-                            after=(f"pretrain/{kind}",)))
+    for kind in exp.analysis_kinds:
+      stages.append(Stage(f"analysis/{kind}", "analysis", "pretrain", where(f"analysis/{kind}"),
+                          after=(f"pretrain/{kind}",)))
   return stages
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -149,6 +150,12 @@ def _json_safe(value):
   return value
 
 
+def pair_key(task: str, seed: int) -> jax.Array:
+  """The PRNG key of the (task, seed) pair: a function of the pair alone, so adding a seed or a task to a run
+  (or spreading pairs over processes) changes no other pair's fresh routing row, noise or result."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(task.encode("utf-8")) & 0x7FFFFFFF)
+
+
 def _pair_file(model_dir: str, index: int) -> str:
   return os.path.join(model_dir, "pairs", f"{index:04d}.json")
 
@@ -216,7 +223,7 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
 
   banner("state")
   params = _start_params(cfg, start)
-  keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(pairs[i][1]), i) for i in mine])
+  keys = jax.numpy.stack([pair_key(*pairs[i]) for i in mine])
 
   banner("loop")
   steps = run_cfg.train_steps

@@ -1,5 +1,7 @@
 """Few-shot adaptation: N vmapped (task, seed) pairs equal N separate train-step runs; method
 set-ups; sequential mode with best-on-dev selection."""
+import zlib
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ CFG = models.preset("tiny", num_layers=1, adapter=AdapterConfig(
 OPT_CFG = optim.OptimizerConfig(name="adafactor", adapter_lr=3e-3, routing_lr=0.3,
                                 schedule="linear", warmup_steps=1, clip_norm=1.0)
 N_PAIRS, STEPS, B = 3, 3, 4
+PAIR_RTOL = 1e-6  # float32 arithmetic of a larger vmapped program: the last bits only
 
 
 def _params(cfg=CFG, seed=0):
@@ -78,6 +81,27 @@ def test_vmapped_pairs_equal_separate_train_step_runs():
        for i in range(N_PAIRS)]
   assert not np.allclose(z[0], z[1])
   assert not np.allclose(result.losses[0], result.losses[0, 0])
+
+
+def test_a_pair_depends_only_on_its_task_and_seed():
+  """Keys from fewshot.pair_key: the pairs of seed 42 adapted beside those of seed 13 train as they do alone
+  (fresh routing rows, dropout and Gumbel noise are the pair's own); vmapping more pairs changes at most the
+  last bits of the float arithmetic. Keys by position in the run's pair list would not."""
+  from mhr_jax import fewshot  # pylint: disable=g-import-not-at-top
+  params = _params()
+  pairs = [("task_a", 13), ("task_b", 13), ("task_a", 42), ("task_b", 42)]
+  own = {pair: _pair_batches(1, STEPS, seed=zlib.crc32(pair[0].encode()) + pair[1]) for pair in pairs}
+
+  def run(chosen, keys):
+    batches = lambda s: {k: np.concatenate([own[p][s][k] for p in chosen]) for k in own[chosen[0]][s]}  # noqa: E731
+    return adaptation.adapt("mhr", CFG, params, OPT_CFG, losses.LossConfig(), batches, keys, STEPS).losses
+
+  together = run(pairs, jax.numpy.stack([fewshot.pair_key(*p) for p in pairs]))
+  alone = run(pairs[2:], jax.numpy.stack([fewshot.pair_key(*p) for p in pairs[2:]]))
+  np.testing.assert_allclose(together[:, 2:], alone, rtol=PAIR_RTOL, atol=0)
+  by_position = run(pairs, jax.numpy.stack([jax.random.fold_in(jax.random.key(s), i)
+                                            for i, (_, s) in enumerate(pairs)]))
+  assert np.max(np.abs(by_position[:, 2:] - alone) / np.abs(alone)) > 100 * PAIR_RTOL
 
 
 def test_mhr_z_sequential_with_best_on_dev_selection():

@@ -58,7 +58,7 @@ def test_every_config_parses(path, tmp_path):
                           feed_forward_proj="gated-gelu", tie_word_embeddings=False).to_json_file(
                               str(tmp_path / "config.json"))
     args = argparse.Namespace(gin_file=[path], gin_bindings=bindings, gin_search_paths=[])
-    exp = experiment.load_experiment(args)
+    exp = experiment.load_experiment(args.gin_file, args.gin_bindings, args.gin_search_paths)
     stages = experiment_plan.plan(exp)
     for stage in stages:
       if stage.kind != "analysis":

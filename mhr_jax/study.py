@@ -1,0 +1,501 @@
+r"""The study: the paper's findings tested with enough pre-training seeds, adaptation seeds and held-out tasks
+to tell, with the hypotheses and their statistics fixed before anything runs.
+
+  python -m mhr_jax.study --gin_file=configs/studies/embedded.gin --gin.MODEL_DIR="'runs/study'" [--dry_run]
+
+A study is a set of cells, each an ordinary experiment run directory (mhr_jax/experiment.py) below MODEL_DIR:
+  MODEL_DIR/base/              the base, trained once (an experiment with only its base stage and the base's
+                               zero-shot evaluation); every other cell starts from it (Experiment.base_run)
+  MODEL_DIR/seed<s>/           the experiment with pre-training seed s (`pretrain/` and `mu/RunConfig.seed`),
+                               every method adapted with every seed of Study.adapt_seeds
+  MODEL_DIR/seed<s>-<k><v>/    the sweep: the experiment again with setting k = v (Study.sweep), restricted by
+                               Study.sweep_bindings (e.g. to MHR alone)
+Finished cells and stages are skipped and an interrupted one resumes (a stage's results file says whether it
+is done), so the same command after a kill -9 goes on where the run stopped. The cells share one persistent
+compilation cache, so each program compiles once.
+
+Before the first cell runs, MODEL_DIR/study_plan.json records the cells and the hypotheses with their tests
+(Study.hypotheses). After the last, `report(MODEL_DIR)` (NumPy and matplotlib only; `python -m
+mhr_jax.study --report_only` reruns it) writes results.json (`hypotheses`: per hypothesis the paired
+differences, their mean, a 95% crossed bootstrap interval over held-out tasks, pre-training seeds and
+adaptation seeds, and a verdict), results.md, forest.png (the intervals and every paired difference),
+sweep.png (the metric against the swept setting) and alignment.png (gradient alignment by method).
+
+Quantities a hypothesis compares are stage names of the cells with a metric: "adapt/mhr" (few-shot: one
+value per held-out task, pre-training seed and adaptation seed), "zeroshot/mhr-mu" (one per task and
+pre-training seed), "analysis/mhr" (gradient alignment: one per pre-training seed). "max(a, b)" and
+"mean(a, b)" combine quantities observation by observation. A stage in Study.tune is the candidate whose
+mean dev score (the adaptation's best-on-dev ROUGE-L, over every pair of every main cell) is highest: the
+only setting chosen from data, and from dev splits only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import gin
+import numpy as np
+
+from mhr_jax import statistics, study_plots
+from mhr_jax.errors import ConfigError, RunError
+from mhr_jax.storage import read_json, write_json_atomic, write_text_atomic
+
+PLAN_FILE = "study_plan.json"
+METRICS = {"adapt": "rougeL", "zeroshot": "rougeL", "analysis": "mean_pairwise_gradient_cosine"}
+_HYPOTHESIS_KEYS = ("id", "claim", "a", "b", "test")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """A study over the experiment that the same gin files configure.
+
+  Attributes:
+    model_dir: the study directory (MODEL_DIR); every cell is an experiment directory below it.
+    pretrain_seeds: one main cell per seed (the seed of pre-training and of the zero-shot MHR-mu stages).
+    adapt_seeds: the adaptation seeds of every cell (AdaptConfig.seeds of the "adapt" scope).
+    sweep: (gin key, values): one more cell per pre-training seed and value (besides the main cells, whose
+      value is the experiment's own), e.g. ("AdapterConfig.n_splits", (1, 2, 8)).
+    sweep_bindings: gin bindings of the sweep cells only, e.g. restricting them to MHR.
+    sweep_stages: the stages whose metric the sweep figure shows (e.g. ("adapt/mhr", "adapt/mhr-z")).
+    tune: {stage: (candidate stages, ...)}: the stage a hypothesis names is the candidate with the best mean
+      dev score (see the module docstring).
+    hypotheses: dicts with "id", "claim", "a", "b" (quantities), "test" ("superiority": a > b + margin;
+      "non-inferiority": a > b - margin) and optionally "margin" (default 0, in the metric's units).
+    n_resamples, confidence, bootstrap_seed: the crossed bootstrap (mhr_jax/statistics.py).
+    device_tflops: for the dry run's estimate of device-hours: sustained TFLOP/s of one accelerator.
+  """
+  model_dir: str = ""
+  pretrain_seeds: tuple = (0, 1, 2)
+  adapt_seeds: tuple = (13, 42, 58)
+  sweep: tuple = ()
+  sweep_bindings: tuple = ()
+  sweep_stages: tuple = ()
+  tune: dict = dataclasses.field(default_factory=dict)
+  hypotheses: tuple = ()
+  n_resamples: int = 10000
+  confidence: float = 0.95
+  bootstrap_seed: int = 0
+  device_tflops: float = 400.0
+
+  def __post_init__(self):
+    for name in ("pretrain_seeds", "adapt_seeds", "sweep", "sweep_bindings", "sweep_stages", "hypotheses"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    object.__setattr__(self, "tune", {k: tuple(v) for k, v in dict(self.tune).items()})
+    if not self.model_dir:
+      raise ConfigError("Study.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\"")
+    if not self.pretrain_seeds or not self.adapt_seeds:
+      raise ConfigError("Study.pretrain_seeds and Study.adapt_seeds: give at least one seed each")
+    if len(set(self.pretrain_seeds)) != len(self.pretrain_seeds) or len(set(self.adapt_seeds)) != len(
+        self.adapt_seeds):
+      raise ConfigError(f"Study seeds must be distinct: pretrain_seeds={self.pretrain_seeds}, "
+                        f"adapt_seeds={self.adapt_seeds}")
+    if self.sweep and (len(self.sweep) != 2 or not isinstance(self.sweep[0], str) or not self.sweep[1]):
+      raise ConfigError(f"Study.sweep={self.sweep!r}: expected (gin key, (values, ...))")
+    if not 0 < self.confidence < 1 or self.n_resamples < 100:
+      raise ConfigError(f"Study.confidence={self.confidence}, Study.n_resamples={self.n_resamples}: need "
+                        "0 < confidence < 1 and at least 100 resamples")
+    ids = set()
+    for i, h in enumerate(self.hypotheses):
+      missing = [k for k in _HYPOTHESIS_KEYS if k not in h]
+      if missing:
+        raise ConfigError(f"Study.hypotheses[{i}]: missing {missing[0]!r} (keys: {list(_HYPOTHESIS_KEYS)})")
+      if h["test"] not in statistics.KINDS:
+        raise ConfigError(f"Study.hypotheses[{i}] ({h['id']}): test={h['test']!r}: expected one of "
+                          f"{statistics.KINDS}")
+      if h["id"] in ids:
+        raise ConfigError(f"Study.hypotheses: id {h['id']!r} appears twice")
+      ids.add(h["id"])
+      for side in ("a", "b"):
+        for stage in stages_of(h[side]):
+          if stage.split("/")[0] not in METRICS:
+            raise ConfigError(f"Study.hypotheses[{i}] ({h['id']}): {side}={h[side]!r}: {stage!r} is not a "
+                              f"stage of kind {sorted(METRICS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One experiment of the study: its name, directory, role ("base", "main", "sweep"), pre-training seed,
+  swept value, and the gin bindings that make it (added to the study's own files and flags)."""
+  name: str
+  directory: str
+  role: str
+  seed: int | None
+  value: Any
+  bindings: tuple[str, ...]
+
+
+def stages_of(expression: str) -> list[str]:
+  """The stage names of a quantity: "adapt/mhr" or "max(adapt/poly, adapt/lora)" (max, min, mean)."""
+  match = re.fullmatch(r"\s*(max|min|mean)\((.*)\)\s*", expression)
+  names = [n.strip() for n in match.group(2).split(",")] if match else [expression.strip()]
+  if not all(re.fullmatch(r"[\w.-]+/[\w.@-]+", n) for n in names):
+    raise ConfigError(f"Study: quantity {expression!r}: expected a stage name (e.g. 'adapt/mhr') or "
+                      "max(...), min(...), mean(...) of stage names")
+  return names
+
+
+def _value_name(value) -> str:
+  return re.sub(r"[^\w.-]", "_", str(value))
+
+
+def cells(study: Study) -> list[Cell]:
+  """The cells, in the order they run."""
+  root = os.path.abspath(study.model_dir)
+  base_dir = os.path.join(root, "base")
+  base_run = os.path.join(base_dir, "base")
+  adapt_seeds = f"adapt/AdaptConfig.seeds = {tuple(study.adapt_seeds)!r}"
+  out = [Cell("base", base_dir, "base", None, None, (
+      f"Experiment.model_dir = {base_dir!r}", "Experiment.pretrain = ()", "Experiment.adapt = ()",
+      "Experiment.controls = ()", "Experiment.zero_shot = ('base',)", "Experiment.analysis = False",
+      adapt_seeds))]
+
+  def cell(name, seed, value, role, extra):
+    directory = os.path.join(root, name)
+    return Cell(name, directory, role, seed, value, (
+        f"Experiment.model_dir = {directory!r}", f"Experiment.base_run = {base_run!r}",
+        f"pretrain/RunConfig.seed = {seed!r}", f"mu/RunConfig.seed = {seed!r}", adapt_seeds, *extra))
+
+  out += [cell(f"seed{s}", s, None, "main", ()) for s in study.pretrain_seeds]
+  if study.sweep:
+    key, values = study.sweep
+    for value in values:
+      for s in study.pretrain_seeds:
+        out.append(cell(f"seed{s}-{key.split('.')[-1]}{_value_name(value)}", s, value, "sweep",
+                        (f"{key} = {value!r}", *study.sweep_bindings)))
+  return out
+
+
+def load_study(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> Study:
+  from mhr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mhr_jax import experiment_plan  # pylint: disable=g-import-not-at-top,unused-import  (registers Experiment)
+  config_lib.parse_gin(gin_files, bindings, search_paths)
+  try:
+    return Study()
+  except (ValueError, TypeError) as e:
+    raise ConfigError(config_lib.one_line(e)) from None
+
+
+def run_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
+              dry_run: bool = False) -> int:
+  """Plans the study, checks every cell's experiment (every stage's config) before anything is written, then
+  runs the cells that are not done and writes the report; returns 0, or a stopped cell's exit status."""
+  from mhr_jax import experiment, experiment_plan  # pylint: disable=g-import-not-at-top  (JAX)
+  from mhr_jax.logging_utils import banner, log  # pylint: disable=g-import-not-at-top
+  banner("study")
+  study = load_study(gin_files, bindings, search_paths)
+  plan = cells(study)
+  planned = []
+  for cell in plan:  # every cell's stages, built and checked: nothing is written yet
+    exp, configs = experiment.plan_stages(gin_files, [*bindings, *cell.bindings], search_paths)
+    planned.append((cell, [(stage, configs.get(stage.name, (None,))[0]) for stage in experiment_plan.plan(exp)]))
+  main_value = _swept_value(study, planned)
+  total_hours = 0.0
+  for cell, stages in planned:
+    hours = sum(estimate_device_hours(cfg, study.device_tflops) for _, cfg in stages)
+    total_hours += hours
+    log.info("cell %-24s %-5s %s: %d stages, ~%.1f device-hours at %.0f TFLOP/s", cell.name, cell.role,
+             cell.directory, len(stages), hours, study.device_tflops)
+    if dry_run:
+      for stage, cfg in stages:
+        steps = "" if cfg is None else f", {cfg.run.train_steps} steps"
+        log.info("    %-26s %s%s", stage.name, stage.kind, steps)
+  log.info("%d cells; estimated %.1f device-hours in all (model FLOPs / %.0f TFLOP/s sustained; evaluation as "
+           "one forward pass per test and dev instance)", len(plan), total_hours, study.device_tflops)
+  if dry_run:
+    return 0
+  os.makedirs(study.model_dir, exist_ok=True)
+  root = os.path.abspath(study.model_dir)
+  experiment.share_compiled_programs(root)
+  write_json_atomic(os.path.join(root, PLAN_FILE), {
+      "model_dir": root, "hypotheses": list(study.hypotheses), "tune": study.tune,
+      "pretrain_seeds": list(study.pretrain_seeds), "adapt_seeds": list(study.adapt_seeds),
+      "sweep": list(study.sweep), "sweep_main_value": main_value, "sweep_stages": list(study.sweep_stages),
+      "statistics": {"n_resamples": study.n_resamples, "confidence": study.confidence,
+                     "seed": study.bootstrap_seed},
+      "cells": [{"name": c.name, "dir": c.directory, "role": c.role, "seed": c.seed, "value": c.value,
+                 "command": experiment.command_line(gin_files, [*bindings, *c.bindings], search_paths)}
+                for c in plan]})
+  start = time.time()
+  for cell in plan:
+    banner(f"cell {cell.name}")
+    status = experiment.run_experiment(gin_files, [*bindings, *cell.bindings], search_paths)
+    if status:
+      log.info("cell %s stopped (exit %d); run the same command to continue", cell.name, status)
+      return status
+  banner("report")
+  files = report(root)
+  log.info("study done in %.0f s (this run); results: %s", time.time() - start, files["markdown"])
+  log.info("\n%s", read_text(files["markdown"]))
+  return 0
+
+
+def _swept_value(study: Study, planned) -> Any:
+  """The swept setting's value in the main cells (the experiment's own): read from a main cell's config of the
+  first sweep stage; ConfigError when the sweep names no stage of the main cells."""
+  if not study.sweep:
+    return None
+  from mhr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  key = study.sweep[0]
+  section, _, field = key.partition(".")
+  names = {gin_name: name for name, (gin_name, _) in config_lib.SECTIONS.items()}
+  if section not in names or not study.sweep_stages:
+    raise ConfigError(f"Study.sweep={study.sweep!r}: the key must be 'Section.field' of {sorted(names)}, and "
+                      "Study.sweep_stages must name the stages to plot")
+  for cell, stages in planned:
+    for stage, cfg in stages:
+      if cell.role == "main" and stage.name == study.sweep_stages[0] and cfg is not None:
+        return getattr(_section(cfg, names[section]), field)
+  raise ConfigError(f"Study.sweep_stages: {study.sweep_stages[0]!r} is not a stage of the main cells")
+
+
+def _section(cfg, name: str):
+  return cfg.model.adapter if name == "adapter" else getattr(cfg, {"model": "model_cfg"}.get(name, name))
+
+
+def read_text(path: str) -> str:
+  with open(path) as f:
+    return f.read()
+
+
+def estimate_device_hours(cfg, device_tflops: float) -> float:
+  """Device-hours of one stage at its model's size: training FLOPs of its steps (every pair's), plus one
+  forward pass per evaluated instance (100 test instances per pair, dev instances at each selection)."""
+  if cfg is None:
+    return 0.0
+  from mhr_jax.adapters import methods  # pylint: disable=g-import-not-at-top
+  from mhr_jax.logging_utils import train_flops_per_step  # pylint: disable=g-import-not-at-top
+  d, run = cfg.data, cfg.run
+  if run.mode == "pretrain":
+    trains_base = cfg.model.adapter.kind == "none"
+    flops = run.train_steps * train_flops_per_step(cfg.model, d.batch_size, d.input_len, d.target_len, trains_base)
+    return flops / (device_tflops * 1e12) / 3600
+  method = methods.get(cfg.adapt.method)
+  tasks = max(len(cfg.adapt.tasks), 1) if cfg.adapt.tasks else _heldout_count(cfg)
+  pairs = tasks * len(cfg.adapt.seeds)
+  train = run.train_steps * train_flops_per_step(cfg.model, d.batch_size, d.input_len, d.target_len,
+                                                 method.trains_base)
+  selections = run.train_steps // cfg.adapt.select_every if cfg.adapt.select_every else 0
+  evaluated = 100 + selections * cfg.adapt.shots
+  forward = train_flops_per_step(cfg.model, evaluated, d.input_len, d.target_len, False) / 2
+  return pairs * (train + forward) / (device_tflops * 1e12) / 3600
+
+
+def _heldout_count(cfg) -> int:
+  """Held-out tasks of an adaptation config without an explicit task list."""
+  d = cfg.data
+  if d.source == "synthetic":
+    return d.synthetic_test_tasks
+  if d.test_task_list:
+    with open(d.test_task_list) as f:
+      return sum(1 for line in f if line.strip())
+  if d.source == "superni":
+    with open(os.path.join(d.data_dir, "splits", "default", "test_tasks.txt")) as f:
+      return sum(1 for line in f if line.strip())
+  return 11  # the T0 protocol's held-out datasets
+
+
+# ============================================================================== the report (no JAX)
+
+
+def _cell_values(cell_dir: str, stage: str) -> dict[tuple, float] | None:
+  """{(task, seed): value} of a stage of a cell: per pair (few-shot and zero-shot) or one value (analysis,
+  key (None, None)); None when the stage is missing."""
+  kind = stage.split("/")[0]
+  if kind == "analysis":
+    results = read_json(os.path.join(cell_dir, *stage.split("/"), "analysis.json"))
+    return None if results is None else {(None, None): float(results[METRICS[kind]])}
+  results = read_json(os.path.join(cell_dir, *stage.split("/"), "results.json"))
+  if results is None or results.get("status") != "done":
+    return None
+  return {(p["task"], p["seed"]): float(p[METRICS[kind]]) for p in results["pairs"]}
+
+
+def _dev_score(cell_dir: str, stage: str) -> list[float]:
+  results = read_json(os.path.join(cell_dir, *stage.split("/"), "results.json"))
+  if results is None:
+    return []
+  return [float(p["best_dev_score"]) for p in results["pairs"] if p.get("best_dev_score") is not None]
+
+
+def tuned_stages(plan: Mapping) -> dict[str, dict]:
+  """{stage: {"chosen": candidate, "dev": {candidate: mean dev score}}} of Study.tune (main cells only)."""
+  out = {}
+  main = [c for c in plan["cells"] if c["role"] == "main"]
+  for stage, candidates in plan["tune"].items():
+    dev = {}
+    for candidate in candidates:
+      scores = [x for c in main for x in _dev_score(c["dir"], candidate)]
+      if not scores:
+        raise RunError(f"Study.tune[{stage!r}]: {candidate} has no dev scores (set adapt/AdaptConfig.select_every)")
+      dev[candidate] = float(np.mean(scores))
+    out[stage] = {"chosen": max(candidates, key=lambda c: dev[c]), "dev": dev}
+  return out
+
+
+def _quantity(plan: Mapping, expression: str, tuned: Mapping, cells_of: Sequence[Mapping]) -> dict[tuple, float]:
+  """{(task, pretrain seed, adapt seed): value} of a quantity over the given cells."""
+  match = re.fullmatch(r"\s*(max|min|mean)\((.*)\)\s*", expression)
+  reduce = {"max": np.max, "min": np.min, "mean": np.mean}[match.group(1)] if match else None
+  per_stage = []
+  for stage in stages_of(expression):
+    stage = tuned.get(stage, {}).get("chosen", stage)
+    values = {}
+    for c in cells_of:
+      found = _cell_values(c["dir"], stage)
+      if found is None:
+        raise RunError(f"study: {c['name']}/{stage} has no results (run the study first)")
+      kind = stage.split("/")[0]
+      for (task, seed), value in found.items():
+        values[(task, c["seed"], seed if kind == "adapt" else None)] = value
+    per_stage.append(values)
+  keys = set(per_stage[0]).intersection(*per_stage[1:])
+  if reduce is None:
+    return per_stage[0]
+  return {k: float(reduce([v[k] for v in per_stage])) for k in keys}
+
+
+def _observations(a: Mapping[tuple, float], b: Mapping[tuple, float]) -> list[dict]:
+  out = []
+  for key in sorted(set(a) & set(b), key=lambda k: tuple("" if x is None else str(x) for x in k)):
+    task, pseed, aseed = key
+    out.append({"diff": a[key] - b[key], "task": task, "seeds": [pseed] if aseed is None else [pseed, aseed]})
+  return out
+
+
+def _interval(plan: Mapping, observations: list[dict]) -> statistics.BootstrapResult:
+  s = plan["statistics"]
+  return statistics.paired_bootstrap(observations, n_resamples=s["n_resamples"], confidence=s["confidence"],
+                                     seed=s["seed"])
+
+
+def hypothesis_rows(plan: Mapping, tuned: Mapping) -> list[dict]:
+  main = [c for c in plan["cells"] if c["role"] == "main"]
+  rows = []
+  for h in plan["hypotheses"]:
+    a, b = _quantity(plan, h["a"], tuned, main), _quantity(plan, h["b"], tuned, main)
+    observations = _observations(a, b)
+    if not observations:
+      raise RunError(f"study: hypothesis {h['id']}: {h['a']} and {h['b']} have no observation in common")
+    result = _interval(plan, observations)
+    margin = float(h.get("margin", 0.0))
+    rows.append({"id": h["id"], "claim": h["claim"], "comparison": f"{h['a']} - {h['b']}",
+                 "a": h["a"], "b": h["b"], "test": h["test"], "margin": margin,
+                 "metric": METRICS[stages_of(h["a"])[0].split("/")[0]],
+                 "mean_diff": result.mean_diff, "ci_low": result.ci_low, "ci_high": result.ci_high, "n": result.n,
+                 "verdict": statistics.verdict(result.ci_low, result.ci_high, margin=margin, kind=h["test"]),
+                 "observations": observations})
+  return rows
+
+
+def _level(plan: Mapping, expression: str, tuned: Mapping, cells_of: Sequence[Mapping]) -> dict:
+  """Mean of a quantity and its crossed bootstrap interval (the 'difference' against nothing)."""
+  values = _quantity(plan, expression, tuned, cells_of)
+  observations = _observations(values, {k: 0.0 for k in values})
+  result = _interval(plan, observations)
+  return {"mean": result.mean_diff, "ci_low": result.ci_low, "ci_high": result.ci_high, "n": result.n}
+
+
+def report(model_dir: str) -> dict[str, str]:
+  """results.json, results.md and the figures of a finished study, from its files alone; returns the paths."""
+  plan = read_json(os.path.join(model_dir, PLAN_FILE))
+  if plan is None:
+    raise RunError(f"{model_dir}: no {PLAN_FILE} (run python -m mhr_jax.study first)")
+  tuned = tuned_stages(plan)
+  rows = hypothesis_rows(plan, tuned)
+  main = [c for c in plan["cells"] if c["role"] == "main"]
+  quantities = sorted({s for h in plan["hypotheses"] for side in ("a", "b") for s in stages_of(h[side])})
+  levels = {q: _level(plan, q, tuned, main) for q in quantities}
+  sweep = {}
+  if plan["sweep"]:
+    key, values = plan["sweep"]
+    main_value = plan["sweep_main_value"]
+    for stage in plan["sweep_stages"]:
+      points = []
+      for value in sorted(set(values) | {main_value}):
+        chosen = main if value == main_value else [c for c in plan["cells"] if c["role"] == "sweep"
+                                                   and c["value"] == value]
+        points.append({"value": value, **_level(plan, stage, tuned, chosen)})
+      sweep[stage] = points
+  results = {"hypotheses": rows, "levels": levels, "tuning": tuned, "sweep": {"key": plan["sweep"][0] if plan[
+      "sweep"] else None, "curves": sweep}, "cells": plan["cells"], "statistics": plan["statistics"]}
+  files = {"json": os.path.join(model_dir, "results.json"), "markdown": os.path.join(model_dir, "results.md"),
+           "forest": os.path.join(model_dir, "forest.png")}
+  study_plots.forest_plot(rows, files["forest"])
+  if sweep:
+    files["sweep"] = os.path.join(model_dir, "sweep.png")
+    study_plots.line_plot([p["value"] for p in next(iter(sweep.values()))],
+                          {s: ([p["mean"] for p in pts], [p["ci_low"] for p in pts], [p["ci_high"] for p in pts])
+                           for s, pts in sweep.items()},
+                          files["sweep"], xlabel=plan["sweep"][0], ylabel="held-out ROUGE-L",
+                          title="the sweep: mean over tasks and seeds, 95% crossed bootstrap interval")
+  alignment = {q: v for q, v in levels.items() if q.startswith("analysis/")}
+  if alignment:
+    files["alignment"] = os.path.join(model_dir, "alignment.png")
+    study_plots.bar_plot({q.split("/", 1)[1]: (v["mean"], v["ci_low"], v["ci_high"]) for q, v in alignment.items()},
+                         files["alignment"], ylabel="mean pairwise gradient cosine",
+                         title="gradient alignment between training tasks (interval over pre-training seeds)")
+  write_json_atomic(files["json"], results)
+  write_text_atomic(files["markdown"], markdown(results, files))
+  return files
+
+
+def _fmt(x: float) -> str:
+  return f"{x:+.2f}" if abs(x) >= 0.01 or x == 0 else f"{x:+.4f}"
+
+
+def markdown(results: Mapping, files: Mapping[str, str]) -> str:
+  lines = ["# The study", "", "| id | claim | comparison | test | mean diff | 95% interval | n | verdict |",
+           "|---|---|---|---|---:|---|---:|---|"]
+  for r in results["hypotheses"]:
+    test = r["test"] + (f" (margin {r['margin']:g})" if r["margin"] else "")
+    lines.append(f"| {r['id']} | {r['claim']} | {r['comparison']} | {test} | {_fmt(r['mean_diff'])} | "
+                 f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {r['n']} | **{r['verdict']}** |")
+  lines += ["", "Every quantity (mean and 95% crossed bootstrap interval):", "", "| quantity | mean | 95% interval | n |",
+            "|---|---:|---|---:|"]
+  for q, v in results["levels"].items():
+    lines.append(f"| {q} | {v['mean']:.4g} | [{v['ci_low']:.4g}, {v['ci_high']:.4g}] | {v['n']} |")
+  if results["tuning"]:
+    lines += ["", "Chosen on dev splits (mean best-on-dev ROUGE-L over every pair of the main cells):", ""]
+    for stage, t in results["tuning"].items():
+      scores = ", ".join(f"{c}: {s:.2f}" for c, s in t["dev"].items())
+      lines.append(f"- {stage}: **{t['chosen']}** ({scores})")
+  for stage, points in results["sweep"]["curves"].items():
+    lines += ["", f"Sweep of {results['sweep']['key']}, {stage}:", "", "| value | mean | 95% interval |",
+              "|---:|---:|---|"]
+    lines += [f"| {p['value']} | {p['mean']:.2f} | [{p['ci_low']:.2f}, {p['ci_high']:.2f}] |" for p in points]
+  lines += [""] + [f"![{name}]({os.path.basename(path)})" for name, path in files.items()
+                   if path.endswith(".png")]
+  return "\n".join(lines) + "\n"
+
+
+# ============================================================================== command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from mhr_jax import cli  # pylint: disable=g-import-not-at-top
+  parser = cli.flag_parser("python -m mhr_jax.study", __doc__.split("\n")[0])
+  parser.add_argument("--dry_run", action="store_true",
+                      help="print every cell, its stages and an estimate of device-hours; run nothing")
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite the report of a finished study from its files (no JAX)")
+
+  def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+      study = load_study(args.gin_file, args.gin_bindings, args.gin_search_paths)
+      report(os.path.abspath(study.model_dir))
+      return 0
+    return run_study(args.gin_file, args.gin_bindings, args.gin_search_paths, args.dry_run)
+  try:
+    return cli.main(parser, run, argv)
+  finally:
+    gin.clear_config()
+
+
+if __name__ == "__main__":
+  sys.exit(main())
