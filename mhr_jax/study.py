@@ -381,7 +381,8 @@ def hypothesis_rows(plan: Mapping, tuned: Mapping) -> list[dict]:
     a, b = _quantity(plan, h["a"], tuned, main), _quantity(plan, h["b"], tuned, main)
     observations = _observations(a, b)
     if not observations:
-      raise RunError(f"study: hypothesis {h['id']}: {h['a']} and {h['b']} have no observation in common")
+      raise RunError(f"study: hypothesis {h['id']}: {h['a']} and {h['b']} have no observation in common (a "
+                     "few-shot quantity has one per adaptation seed, a zero-shot one per pre-training seed)")
     result = _interval(plan, observations)
     margin = float(h.get("margin", 0.0))
     rows.append({"id": h["id"], "claim": h["claim"], "comparison": f"{h['a']} - {h['b']}",

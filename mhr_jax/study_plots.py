@@ -84,41 +84,55 @@ def _check_forest_row(index: int, row) -> dict:
     if not isinstance(obs, Mapping) or "diff" not in obs:
       raise ValueError(f"{where} ({row['id']}): observation {j} has no 'diff'")
     diffs.append(_finite(obs["diff"], f"{where} ({row['id']}): observation {j} 'diff'"))
+  margin = _finite(row.get("margin", 0.0), f"{where} ({row['id']}) margin")
+  threshold = -margin if row.get("test") == "non-inferiority" else margin
   return {"label": f"{row['id']}: {row['comparison']}", "mean": mean, "low": low, "high": high,
-          "verdict": row["verdict"], "diffs": np.asarray(diffs, np.float64)}
+          "verdict": row["verdict"], "diffs": np.asarray(diffs, np.float64), "threshold": threshold,
+          "metric": str(row.get("metric", "paired difference A - B"))}
 
 
-def forest_plot(rows: Sequence[Mapping], path: str, *,
-                xlabel: str = "paired difference A - B (mean and bootstrap interval)") -> None:
-  """One line per hypothesis, top to bottom in the order of `rows`: its interval and mean (coloured by the
-  verdict), its individual paired differences as faint dots, and a dashed line at zero.
+def forest_plot(rows: Sequence[Mapping], path: str) -> None:
+  """One line per hypothesis, top to bottom in the order of `rows`, in one panel per metric (differences of
+  ROUGE-L points and of gradient cosines do not share a scale): its interval and mean (coloured by the
+  verdict), its individual paired differences as faint dots, a line at zero and, where the test's
+  threshold is elsewhere (a margin), a dotted line there.
 
   Args:
     rows: the study's hypothesis rows: dicts with "id", "comparison", "mean_diff", "ci_low", "ci_high",
-      "verdict" (statistics.VERDICTS) and "observations" (n dicts with at least "diff").
+      "verdict" (statistics.VERDICTS), "observations" (n dicts with at least "diff"), and optionally
+      "metric" (the panel; default one panel), "test" and "margin" (the threshold).
     path: the PNG to write.
   """
   if not rows:
     raise ValueError("forest_plot: no rows")
   checked = [_check_forest_row(i, row) for i, row in enumerate(rows)]
-  fig = _figure(8, 0.6 * len(checked) + 1.4)
-  ax = fig.add_subplot()
-  for i, row in enumerate(checked):
-    y = len(checked) - 1 - i
-    color = VERDICT_COLORS[row["verdict"]]
-    # The dots are spread evenly over a band around the row (no random jitter: the figure is reproducible).
-    spread = np.linspace(-0.2, 0.2, len(row["diffs"])) if len(row["diffs"]) > 1 else np.zeros(len(row["diffs"]))
-    ax.scatter(row["diffs"], y + spread, s=10, color=color, alpha=0.25, linewidths=0)
-    ax.hlines(y, row["low"], row["high"], color=color, lw=2.5)
-    ax.plot([row["mean"]], [y], "o", color=color, ms=7)
-  ax.axvline(0.0, color="black", lw=0.8, ls="--")
-  ax.set_yticks(np.arange(len(checked))[::-1], [row["label"] for row in checked])
-  ax.set_ylim(-0.6, len(checked) - 0.4)
-  ax.set_xlabel(xlabel)
-  ax.grid(axis="x", alpha=0.3)
-  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
-  present = [v for v in VERDICTS if any(row["verdict"] == v for row in checked)]
-  ax.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in present], loc="best", fontsize=8)
+  panels = list(dict.fromkeys(row["metric"] for row in checked))
+  sizes = [sum(row["metric"] == m for row in checked) for m in panels]
+  fig = _figure(8, 0.6 * len(checked) + 1.2 * len(panels) + 0.4)
+  grid = fig.add_gridspec(len(panels), 1, height_ratios=sizes)
+  for p, metric in enumerate(panels):
+    ax = fig.add_subplot(grid[p])
+    mine = [row for row in checked if row["metric"] == metric]
+    for i, row in enumerate(mine):
+      y = len(mine) - 1 - i
+      color = VERDICT_COLORS[row["verdict"]]
+      # The dots are spread evenly over a band around the row (no random jitter: the figure is reproducible).
+      spread = np.linspace(-0.2, 0.2, len(row["diffs"])) if len(row["diffs"]) > 1 else np.zeros(len(row["diffs"]))
+      ax.scatter(row["diffs"], y + spread, s=10, color=color, alpha=0.25, linewidths=0)
+      ax.hlines(y, row["low"], row["high"], color=color, lw=2.5)
+      ax.plot([row["mean"]], [y], "o", color=color, ms=7)
+      if row["threshold"] != 0.0:
+        ax.plot([row["threshold"]] * 2, [y - 0.35, y + 0.35], color="black", lw=1.0, ls=":")
+    ax.axvline(0.0, color="black", lw=0.8, ls="--")
+    ax.set_yticks(np.arange(len(mine))[::-1], [row["label"] for row in mine])
+    ax.set_ylim(-0.6, len(mine) - 0.4)
+    ax.set_xlabel(f"paired difference A - B: {metric} (mean and bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    if p == 0:
+      from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+      present = [v for v in VERDICTS if any(row["verdict"] == v for row in checked)]
+      ax.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in present], loc="best", fontsize=8)
+  fig.tight_layout()
   _write_png(fig, path)
 
 
