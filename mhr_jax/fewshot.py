@@ -28,7 +28,7 @@ from mhr_jax.adapters import methods
 from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import MetricsJsonl, banner, format_metrics, log, progress_bar
 from mhr_jax.run_checkpoints import RunCheckpointer, StopSignal, latest_step, restore_params
-from mhr_jax.storage import write_json_atomic, write_text_atomic
+from mhr_jax.storage import read_json, write_json_atomic, write_text_atomic
 
 EXIT_PREEMPTED = 143
 
@@ -150,6 +150,13 @@ def _json_safe(value):
   return value
 
 
+def finished(model_dir: str, key: str, steps: int) -> bool:
+  """Whether a run directory's results.json says it is done with `steps` (under `key`: "step" for
+  pre-training, "steps" for adaptation)."""
+  results = read_json(os.path.join(model_dir, "results.json"))
+  return results is not None and results.get("status") == "done" and results.get(key) == steps
+
+
 def pair_key(task: str, seed: int) -> jax.Array:
   """The PRNG key of the (task, seed) pair: a function of the pair alone, so adding a seed or a task to a run
   (or spreading pairs over processes) changes no other pair's fresh routing row, noise or result."""
@@ -161,8 +168,12 @@ def _pair_file(model_dir: str, index: int) -> str:
 
 
 def adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
-  """Adapts every (task, seed) pair, evaluates, writes the results; returns 0 or EXIT_PREEMPTED."""
+  """Adapts every (task, seed) pair, evaluates, writes the results; returns 0 or EXIT_PREEMPTED. On a run
+  directory whose results say it is done at these steps, it does nothing and returns 0."""
   start = starting_point(cfg)
+  if finished(cfg.run.model_dir, "steps", cfg.run.train_steps):
+    log.info("%s: done (results.json, %d steps); nothing to do", cfg.run.model_dir, cfg.run.train_steps)
+    return 0
   stop = StopSignal()
   try:
     return _adapt(cfg, config_text, mesh, start, stop)
@@ -275,8 +286,11 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   if steps:  # the adapted parameters (zero-shot evaluation trains nothing: its start is kept elsewhere)
     checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints", own), steps, None,
                                    run_cfg.async_checkpoints, process_local=True)
-    checkpointer.save(steps, _host_if_shared({"trainable": result.trainable, "frozen": result.frozen}),
-                      {"pairs": [list(pairs[i]) for i in mine], "method": a.method}, force=True)
+    # A run stopped after this save but before results.json has it already: the same parameters (they come
+    # from the resumed final state), so it is kept.
+    if checkpointer.latest_step() != steps:
+      checkpointer.save(steps, _host_if_shared({"trainable": result.trainable, "frozen": result.frozen}),
+                        {"pairs": [list(pairs[i]) for i in mine], "method": a.method}, force=True)
     checkpointer.wait()
     checkpointer.close()
     checkpoints = os.path.dirname(checkpointer.directory) if multi else checkpointer.directory

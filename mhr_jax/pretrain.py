@@ -25,7 +25,7 @@ from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import (MetricsJsonl, TensorBoard, Throughput, banner, format_metrics, log,
                                    peak_flops_total, progress_bar, train_flops_per_step)
 from mhr_jax.run_checkpoints import RunCheckpointer, StopSignal, latest_step, restore_params
-from mhr_jax.storage import write_json_atomic
+from mhr_jax.storage import read_json, write_json_atomic
 
 EXIT_PREEMPTED = 143  # cli.EXIT_PREEMPTED: 128 + SIGTERM, after the checkpoint is written
 
@@ -144,9 +144,14 @@ def _host_tokens(batch) -> float:
 
 
 def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
-  """Sections data -> state -> checkpoint -> loop -> results; returns 0, or EXIT_PREEMPTED."""
+  """Sections data -> state -> checkpoint -> loop -> results; returns 0, or EXIT_PREEMPTED. On a run
+  directory whose results say it is done at RunConfig.train_steps, it does nothing and returns 0."""
   from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: only when training)
   run_cfg, model_dir = cfg.run, cfg.run.model_dir
+  results = read_json(os.path.join(model_dir, "results.json"))
+  if results and results.get("status") == "done" and results.get("step") == run_cfg.train_steps:
+    log.info("%s: done (results.json, step %d); nothing to do", model_dir, run_cfg.train_steps)
+    return 0
   start_time = time.time()
   config_lib.write_run_files(cfg, config_text)
 
@@ -169,7 +174,7 @@ def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
 
   banner("checkpoint")
   checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints"), run_cfg.checkpoint_every,
-                                 run_cfg.keep_checkpoints, run_cfg.async_checkpoints)
+                                 run_cfg.keep_checkpoints, run_cfg.async_checkpoints, frozen_once=True)
   start = checkpointer.latest_step()
   if start is None:
     state = train_step.init_train_state(model, initial_params(cfg, model, mesh, init_key), labels,

@@ -3,7 +3,9 @@
 A checkpoint at step s holds the train state after s updates (linen boxes removed, so the tree
 is plain arrays; its small replicated leaves packed into one array per dtype, with a JSON "layout"
 item naming them: mhr_jax/checkpoint_packing.py) and a small JSON "progress" item with the data
-position. `RunCheckpointer.restore` and `restore_params` give the named tree back; checkpoints written
+position. With `frozen_once` the state's frozen part (the base model, which never changes during a run:
+about 11 GB at T5-XL) is saved once per run, in RUN_DIR/frozen/ beside checkpoints/, and each step's
+checkpoint holds the rest; its layout says so ("frozen_apart"). `RunCheckpointer.restore` and `restore_params` give the named tree back; checkpoints written
 before packing (no "layout" item) restore as they are. The data iterator is
 deterministic given its seed and skips ahead, so (state, batches consumed) makes resuming exact.
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
@@ -48,8 +50,9 @@ class RunCheckpointer:
   """
 
   def __init__(self, directory: str, save_every: int, keep: int | None, async_save: bool = True,
-               process_local: bool = False):
+               process_local: bool = False, frozen_once: bool = False):
     self.directory = os.path.abspath(directory)
+    self._frozen = None
     extra = {}
     if process_local and jax.process_count() > 1:
       me = jax.process_index()
@@ -65,6 +68,12 @@ class RunCheckpointer:
         cleanup_tmp_directories=True, **extra)  # cleanup: leftovers of a killed run's unfinished save
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "progress", "layout"))
+    if frozen_once:
+      # Synchronous, so that no step checkpoint ever refers to a frozen part still being written.
+      once = ocp.CheckpointManagerOptions(max_to_keep=1, create=not extra, enable_async_checkpointing=False,
+                                          cleanup_tmp_directories=True, **extra)
+      self._frozen = ocp.CheckpointManager(frozen_store(self.directory), options=once,
+                                           item_names=("state", "progress", "layout"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -76,10 +85,13 @@ class RunCheckpointer:
     """Saves (state, progress) at `step` if due (or forced); True when a save started."""
     if not (force or self._manager.should_save(step)):
       return False
-    saved, layout = packing.pack(meta.unbox(state))
-    args = ocp.args.Composite(state=ocp.args.StandardSave(saved), progress=ocp.args.JsonSave(progress),
-                              layout=ocp.args.JsonSave(layout))
-    return self._manager.save(step, args=args, force=force)
+    state = meta.unbox(state)
+    apart = self._frozen is not None
+    if apart:
+      if self._frozen.latest_step() is None:
+        self._frozen.save(0, args=_save_args({"frozen": _part(state, "frozen")}, {"step": step}), force=True)
+      state = _replace_part(state, "frozen", None)
+    return self._manager.save(step, args=_save_args(state, progress, frozen_apart=apart), force=force)
 
   def restore(self, step: int, abstract_state):
     """(state, progress) of checkpoint `step`, laid out like `abstract_state`.
@@ -96,14 +108,14 @@ class RunCheckpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()))
       return restored["state"], dict(restored["progress"])
-    packing.check_layout(layout, target, f"{self.directory}/{step}")
-    targets, treedef = jax.tree.flatten(target)
-    item = packing.saved_target(layout, {str(i): t for i, (t, e) in enumerate(zip(targets, layout["leaves"]))
-                                         if e["group"] is None})
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(item), progress=ocp.args.JsonRestore()))
-    leaves = packing.unpack(layout, restored["state"], targets)
-    return jax.tree.unflatten(treedef, leaves), dict(restored["progress"])
+    if not layout.get("frozen_apart"):
+      return _restore_packed(self._manager, step, layout, target, f"{self.directory}/{step}")
+    state, progress = _restore_packed(self._manager, step, layout, _replace_part(target, "frozen", None),
+                                      f"{self.directory}/{step}")
+    store = frozen_store(self.directory)
+    frozen, _ = _restore_packed(self._frozen, 0, _layout(store, 0), {"frozen": _part(target, "frozen")},
+                                f"{store}/0")
+    return _replace_part(state, "frozen", frozen["frozen"]), progress
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host preemption sync point (JAX's preemption service catches SIGTERM there)."""
@@ -114,6 +126,42 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+    if self._frozen is not None:
+      self._frozen.close()
+
+
+def frozen_store(directory: str) -> str:
+  """Where a run's frozen part is saved once: RUN_DIR/frozen beside RUN_DIR/checkpoints."""
+  return os.path.join(os.path.dirname(os.path.abspath(directory)), "frozen")
+
+
+def _save_args(state, progress: dict[str, Any], frozen_apart: bool = False) -> ocp.args.Composite:
+  saved, layout = packing.pack(state)
+  if frozen_apart:
+    layout["frozen_apart"] = True
+  return ocp.args.Composite(state=ocp.args.StandardSave(saved), progress=ocp.args.JsonSave(progress),
+                            layout=ocp.args.JsonSave(layout))
+
+
+def _restore_packed(manager, step: int, layout: dict, target, where: str):
+  """(state, progress) of a packed checkpoint, laid out like `target`."""
+  packing.check_layout(layout, target, where)
+  targets, treedef = jax.tree.flatten(target)
+  item = packing.saved_target(layout, {str(i): t for i, (t, e) in enumerate(zip(targets, layout["leaves"]))
+                                       if e["group"] is None})
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(item), progress=ocp.args.JsonRestore()))
+  leaves = packing.unpack(layout, restored["state"], targets)
+  return jax.tree.unflatten(treedef, leaves), dict(restored["progress"])
+
+
+def _part(state, name: str):
+  return state[name] if isinstance(state, dict) else getattr(state, name)
+
+
+def _replace_part(state, name: str, value):
+  """`state` (a dict or a flax struct such as train_step.TrainState) with its field `name` replaced."""
+  return {**state, name: value} if isinstance(state, dict) else state.replace(**{name: value})
 
 
 def checkpoint_steps(directory: str) -> list[int]:
@@ -147,6 +195,15 @@ def restore_params(directory: str, step: int) -> dict:
     merged = flax.traverse_util.flatten_dict(dict(parts["frozen"]))
     merged.update(flax.traverse_util.flatten_dict(dict(parts["trainable"])))
     return flax.traverse_util.unflatten_dict(merged)
+  params = _packed_params(path, layout)
+  if layout.get("frozen_apart"):
+    store = frozen_store(directory)
+    params.update(_packed_params(os.path.join(store, "0", "state"), _layout(store, 0)))
+  return flax.traverse_util.unflatten_dict(params)
+
+
+def _packed_params(path: str, layout: dict) -> dict[tuple[str, ...], jax.Array]:
+  """{param path: array on one device} of the "trainable" and "frozen" leaves of a packed checkpoint."""
   device = _first_device()
   wanted = [i for i, e in enumerate(layout["leaves"]) if e["path"][0] in ("trainable", "frozen")]
   alone = {str(i): jax.ShapeDtypeStruct(tuple(layout["leaves"][i]["shape"]), layout["leaves"][i]["dtype"])
@@ -162,7 +219,7 @@ def restore_params(directory: str, step: int) -> dict:
     value = packing.leaf_value(layout, i, restored)
     params[tuple(layout["leaves"][i]["path"][1:])] = (
         jax.device_put(value, device) if isinstance(value, np.ndarray) else value)
-  return flax.traverse_util.unflatten_dict(params)
+  return params
 
 
 def _first_device() -> jax.sharding.Sharding:
@@ -202,8 +259,11 @@ def read_state(directory: str, step: int) -> dict[str, np.ndarray]:
   if layout is None:  # written before packing
     return {"/".join(packing.path_tokens(p)): np.asarray(v)
             for p, v in jax.tree_util.tree_leaves_with_path(restored)}
-  return {"/".join(e["path"]): np.asarray(packing.leaf_value(layout, i, restored))
-          for i, e in enumerate(layout["leaves"])}
+  leaves = {"/".join(e["path"]): np.asarray(packing.leaf_value(layout, i, restored))
+            for i, e in enumerate(layout["leaves"])}
+  if layout.get("frozen_apart"):
+    leaves.update(read_state(frozen_store(directory), 0))
+  return leaves
 
 
 def _layout(directory: str, step: int) -> dict | None:

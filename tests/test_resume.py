@@ -122,3 +122,22 @@ def test_metrics_file_is_cut_back_to_the_checkpoint(tmp_path):
   assert json.loads(path.read_text().splitlines()[-1]) == {"step": 4, "loss": 0.5}
   MetricsJsonl(str(path), resume_step=None)  # a fresh start (no checkpoint) empties it
   assert path.read_text() == ""
+
+
+def test_the_frozen_base_is_saved_once_per_run(reference):
+  """Step checkpoints hold the trained part and the optimizer state; the frozen base is saved once, in
+  RUN_DIR/frozen, and read back with them."""
+  from mhr_jax import run_checkpoints  # pylint: disable=g-import-not-at-top
+  assert os.listdir(os.path.join(reference, "frozen")) == ["0"]
+  checkpoints = os.path.join(reference, "checkpoints")
+  apart = read_state(run_checkpoints.frozen_store(checkpoints), 0)
+  assert apart and all(k.startswith("frozen/") for k in apart)
+  for step in run_checkpoints.checkpoint_steps(checkpoints):
+    layout = run_checkpoints._layout(checkpoints, step)  # pylint: disable=protected-access
+    assert layout["frozen_apart"] and not any(e["path"][0] == "frozen" for e in layout["leaves"])
+  state = final_state(reference)
+  for key, value in apart.items():
+    np.testing.assert_array_equal(state[key], value, err_msg=key)
+  params = run_checkpoints.restore_params(checkpoints, STEPS)
+  kernel = params["encoder"]["block_0"]["self_attention"]["q"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(kernel), apart["frozen/encoder/block_0/self_attention/q/kernel"])

@@ -68,11 +68,15 @@ def test_tiny_config_runs_and_resumes(env, tiny_run):
   assert results["final_metrics"]["loss"] == records[-1]["loss"]
   assert f"results: {os.path.abspath(model_dir)}/results.json" in log
 
-  # The same command again: resumes at the last step, nothing left to train, nothing rewritten.
+  # The same command again on the finished run: nothing to do, nothing rewritten.
+  with open(os.path.join(model_dir, "results.json"), "rb") as f:
+    finished = f.read()
   again = run_cli(env, *flags)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert f"resumed from {model_dir}/checkpoints/3" in again.stderr
+  assert "done (results.json, step 3); nothing to do" in again.stderr
   assert read_metrics(model_dir) == records
+  with open(os.path.join(model_dir, "results.json"), "rb") as f:
+    assert f.read() == finished
 
 
 def test_adapt_from_pretraining_run(env, tiny_run, tmp_path):
@@ -119,6 +123,23 @@ def test_adapt_from_pretraining_run(env, tiny_run, tmp_path):
   logits = np.asarray(layer["routing"]["logits"])
   assert logits.shape == (2, 1, 4, 4)  # (pairs, one new task row, S, K)
   assert np.max(np.abs(logits)) > 1e-3  # moved beyond its U(-1e-3, 1e-3) init
+
+  # The same command on the finished run: nothing to do, results untouched. Stopped after its last
+  # checkpoint but before results.json (here: results.json removed), it completes with the same results.
+  command = result.args
+  with open(os.path.join(model_dir, "results.json"), "rb") as f:
+    finished = f.read()
+  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "done (results.json, 2 steps); nothing to do" in again.stderr
+  with open(os.path.join(model_dir, "results.json"), "rb") as f:
+    assert f.read() == finished
+  os.remove(os.path.join(model_dir, "results.json"))
+  window = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert window.returncode == 0, window.stderr[-3000:]
+  with open(os.path.join(model_dir, "results.json")) as f:
+    completed = json.load(f)
+  assert completed["pairs"] == results["pairs"]
 
 
 def _tiny_base(nan_at=None):
