@@ -20,7 +20,8 @@ import time
 import jax
 import numpy as np
 
-from mhr_jax import losses, optim, partitioning, train_step
+from mhr_jax.training import losses, optim, train_step
+from mhr_jax import partitioning
 from mhr_jax.adapters import AdapterConfig
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.models import T5, preset

@@ -14,7 +14,7 @@ import argparse
 import jax
 import numpy as np
 
-from mhr_jax import optim, train_step
+from mhr_jax.training import optim, train_step
 from mhr_jax.adapters import AdapterConfig, methods
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.models import T5, preset

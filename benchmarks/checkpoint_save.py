@@ -17,8 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mhr_jax import checkpoint_packing
-from mhr_jax.run_checkpoints import RunCheckpointer
+from mhr_jax.checkpoints import packing as checkpoint_packing
+from mhr_jax.checkpoints.run_state import RunCheckpointer
 
 
 def ms_per_save(n_leaves: int, saves: int, packed: bool) -> float:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mhr_jax import decoding
+from mhr_jax.evaluation import decoding
 from mhr_jax.logging_utils import peak_flops_total
 from mhr_jax.models import T5, preset
 

@@ -20,8 +20,10 @@ from flax import traverse_util
 
 from benchmarks.common import (Settings, Timed, adapter_config, compiled_peak_bytes,
                                forward_flops, record, synthetic_batch, time_cases, train_flops)
-from mhr_jax import decoding, losses, optim, partitioning
-from mhr_jax import train_step as ts
+from mhr_jax.evaluation import decoding
+from mhr_jax.training import losses, optim
+from mhr_jax import partitioning
+from mhr_jax.training import train_step as ts
 from mhr_jax.adapters import methods
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.models import T5, preset
@@ -246,7 +248,7 @@ def greedy(s: Settings, batch_size: int) -> list[dict]:
 def pairs(s: Settings, batch_size: int) -> list[dict]:
   """Few-shot adaptation: one vmapped step of 1 and of `n_pairs` (task, seed) pairs (method mhr),
   through adaptation.prepare_pairs / make_adaptation_step."""
-  from mhr_jax import adaptation
+  from mhr_jax.training import adaptation
   cfg = model_config(s, "mhr")
   params = jax.device_get(random_params(cfg))
   out = []

@@ -1,7 +1,7 @@
 """mhr-jax: multi-task adapter routing (Poly, MHR) for T5 in JAX/Flax."""
 import importlib
 
-_SUBMODULES = ("adapters", "checkpoints", "data", "decoding", "metrics", "models", "partitioning")
+_SUBMODULES = ("adapters", "checkpoints", "data", "evaluation", "metrics", "models", "partitioning")
 
 
 def __getattr__(name):

@@ -32,9 +32,9 @@ import gin
 from mhr_jax.adapters import methods
 from mhr_jax.adapters.config import AdapterConfig
 from mhr_jax.errors import ConfigError
-from mhr_jax.losses import LossConfig
+from mhr_jax.training.losses import LossConfig
 from mhr_jax.models.config import T5Config, preset
-from mhr_jax.optim import OptimizerConfig
+from mhr_jax.training.optim import OptimizerConfig
 from mhr_jax.partitioning import MeshConfig
 from mhr_jax.storage import check_local_paths, read_json, write_json_atomic, write_text_atomic
 
@@ -254,7 +254,7 @@ class AdaptConfig:
   """Few-shot adaptation of several (task, seed) pairs from one pre-training run (mode "adapt").
 
   Every pair trains its own copy of the adapter state for RunConfig.train_steps steps on its k-shot
-  split (DataConfig.batch_size examples per step) as one vmapped program (mhr_jax/adaptation.py), then
+  split (DataConfig.batch_size examples per step) as one vmapped program (mhr_jax/training/adaptation.py), then
   is evaluated on the task's test data: SuperNI-format sources by greedy decoding (ROUGE-L and exact
   match), T0 by rank classification of every original-task template (accuracy; median over templates).
 

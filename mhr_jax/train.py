@@ -3,7 +3,7 @@ r"""Multi-task pre-training or few-shot adaptation of one run, from gin configs,
   python -m mhr_jax.train --gin_file=configs/tiny.gin --gin.MODEL_DIR="'/tmp/tiny'" --gin.TRAIN_STEPS=40
 
 Flags and exit statuses: mhr_jax/cli.py (0 done, 2 bad configuration, 3 non-finite loss, 143 stopped by
-SIGTERM after saving). RunConfig.mode "pretrain" runs mhr_jax/pretrain.py, "adapt" mhr_jax/fewshot.py; the
+SIGTERM after saving). RunConfig.mode "pretrain" runs mhr_jax/stages/pretrain.py, "adapt" mhr_jax/stages/fewshot.py; the
 run directory (RunConfig.model_dir) receives the operative config.gin, metrics.jsonl, TensorBoard events,
 orbax checkpoints and results.json. The same command on the same directory resumes from its latest
 checkpoint, exactly. Configuration mistakes end the run with one `error:` line before anything is written.
@@ -16,7 +16,8 @@ import json
 import os
 import sys
 
-from mhr_jax import cli, fewshot, partitioning, pretrain
+from mhr_jax import cli, partitioning
+from mhr_jax.stages import fewshot, pretrain
 from mhr_jax import config as config_lib
 from mhr_jax.logging_utils import banner, log
 

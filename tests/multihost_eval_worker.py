@@ -15,7 +15,8 @@ def main(process_id: int, num_processes: int, port: str, out: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
   import hf_oracle  # pylint: disable=g-import-not-at-top  (tests/ is this script's directory)
-  from mhr_jax import evaluation, partitioning  # pylint: disable=g-import-not-at-top
+  from mhr_jax.evaluation import drivers as evaluation  # pylint: disable=g-import-not-at-top
+  from mhr_jax import partitioning  # pylint: disable=g-import-not-at-top
   from mhr_jax.adapters.config import AdapterConfig  # pylint: disable=g-import-not-at-top
   from mhr_jax.models import T5, preset  # pylint: disable=g-import-not-at-top
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mhr_jax import adaptation, losses, models, optim, partitioning
-from mhr_jax import train_step as ts
+from mhr_jax.training import adaptation, losses, optim
+from mhr_jax import models, partitioning
+from mhr_jax.training import train_step as ts
 from mhr_jax.adapters import AdapterConfig, transforms
 from mhr_jax.adapters import params as param_groups
 
@@ -87,7 +88,7 @@ def test_a_pair_depends_only_on_its_task_and_seed():
   """Keys from fewshot.pair_key: the pairs of seed 42 adapted beside those of seed 13 train as they do alone
   (fresh routing rows, dropout and Gumbel noise are the pair's own); vmapping more pairs changes at most the
   last bits of the float arithmetic. Keys by position in the run's pair list would not."""
-  from mhr_jax import fewshot  # pylint: disable=g-import-not-at-top
+  from mhr_jax.stages import fewshot  # pylint: disable=g-import-not-at-top
   params = _params()
   pairs = [("task_a", 13), ("task_b", 13), ("task_a", 42), ("task_b", 42)]
   own = {pair: _pair_batches(1, STEPS, seed=zlib.crc32(pair[0].encode()) + pair[1]) for pair in pairs}

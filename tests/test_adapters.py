@@ -319,8 +319,8 @@ def test_model_gumbel_training_noise_and_eval_determinism():
 # ----------------------------------------------------------------------------- errors and config
 
 def test_divisibility_and_task_id_errors():
-  with pytest.raises(ValueError, match=r"adapter.n_splits=3 must divide the widths of layer "
-                                       r"encoder/block_0/self_attention/q \(d_in=32, d_out=32\)"):
+  with pytest.raises(ValueError, match=r"adapter.n_splits=3 must divide the widths of every adapted layer; "
+                                       r"encoder/block_0/self_attention/q has d_in=32, d_out=32"):
     abstract_params(model_cfg(kind="mhr", n_splits=3))
   cfg = model_cfg(kind="mhr", n_splits=2, n_skills=2, n_tasks=2)
   params = random_params(cfg)

@@ -19,9 +19,11 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from mhr_jax import analysis, models
+from mhr_jax.analysis import figures, gradients, routing
+from mhr_jax.analysis import run as analysis
+from mhr_jax import models
 from mhr_jax import config as config_lib
-from mhr_jax.run_checkpoints import restore_params
+from mhr_jax.checkpoints.run_state import restore_params
 
 REPO = config_lib.REPO_ROOT
 GRAD_BATCHES, BATCH_SIZE = 2, 4
@@ -147,7 +149,7 @@ def test_routing_similarity_csv(analysed):
 def direct_gradients(run_dir, task_names):
   """{task: {layer: flat adapter gradient}} by jax.grad of a hand-written token-mean cross-entropy over
   the union of each task's first GRAD_BATCHES batches, without dropout or routing noise."""
-  from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from mhr_jax.data import pipeline as data  # pylint: disable=g-import-not-at-top  (TensorFlow)
   cfg = config_lib.read_run_config(run_dir)
   registration, _ = data.register_data(cfg.data, cfg.default_data_dir)
   model = models.T5(cfg.model)
@@ -239,7 +241,7 @@ def test_gradient_alignment_on_hand_made_gradients():
   e0, e1 = np.array([1.0, 0.0, 0.0]), np.array([0.0, 2.0, 0.0])
   # Layer "a": tasks 0, 1 orthogonal, task 2 opposite to task 0. Layer "b": all three the same direction.
   grads = {"a": np.stack([e0, e1, -3 * e0]), "b": np.stack([e1, 5 * e1, e1])}
-  result = analysis.gradient_alignment(grads)
+  result = gradients.gradient_alignment(grads)
   np.testing.assert_allclose(result["per_layer"]["a"], [[1, 0, -1], [0, 1, 0], [-1, 0, 1]], atol=1e-15)
   np.testing.assert_allclose(result["per_layer"]["b"], np.ones((3, 3)), atol=1e-15)
   np.testing.assert_allclose(result["matrix"], [[1, 0.5, 0], [0.5, 1, 0.5], [0, 0.5, 1]], atol=1e-15)
@@ -248,12 +250,12 @@ def test_gradient_alignment_on_hand_made_gradients():
 
   # Trailing axes are flattened; a 45-degree pair; an all-zero gradient is undefined and left out.
   grads = {"w": np.array([[[1.0, 0.0]], [[1.0, 1.0]], [[0.0, 0.0]]])}
-  result = analysis.gradient_alignment(grads)
+  result = gradients.gradient_alignment(grads)
   assert result["matrix"][0, 1] == pytest.approx(1 / np.sqrt(2))
   assert np.isnan(result["matrix"][0, 2]) and np.isnan(result["matrix"][2, 2])
   assert result["mean_pairwise_cosine"] == pytest.approx(1 / np.sqrt(2))
   with pytest.raises(ValueError, match="number of tasks"):
-    analysis.gradient_alignment({"a": np.ones((2, 3)), "b": np.ones((3, 3))})
+    gradients.gradient_alignment({"a": np.ones((2, 3)), "b": np.ones((3, 3))})
 
 
 def test_routing_weights_and_similarity_on_hand_made_logits():
@@ -262,37 +264,37 @@ def test_routing_weights_and_similarity_on_hand_made_logits():
   params = {"decoder": {"block_0": {"mlp": {"wo": {"routing": {"logits": z_dec}, "lora_a": np.zeros(1)}}}},
             "encoder": {"block_0": {"self_attention": {"q": {"routing": {"logits": z_enc}}}}}}
   acfg = models.T5Config().adapter.replace(kind="mhr", n_tasks=3, n_skills=4, n_splits=2)
-  weights = analysis.routing_weights_by_layer(acfg, params)
+  weights = routing.routing_weights_by_layer(acfg, params)
   assert list(weights) == ["encoder/block_0/self_attention/q", "decoder/block_0/mlp/wo"]  # model order
   np.testing.assert_allclose(weights["encoder/block_0/self_attention/q"], numpy_routing_weights(z_enc),
                              rtol=1e-6)
   np.testing.assert_allclose(weights["decoder/block_0/mlp/wo"], numpy_routing_weights(z_dec), rtol=1e-6)
-  shared = analysis.routing_weights_by_layer(acfg, {"routing": {"logits": z_enc}})
+  shared = routing.routing_weights_by_layer(acfg, {"routing": {"logits": z_enc}})
   assert list(shared) == ["shared"]
-  assert analysis.routing_weights_by_layer(acfg, {"q": {"lora_a": np.zeros(2)}}) == {}
+  assert routing.routing_weights_by_layer(acfg, {"q": {"lora_a": np.zeros(2)}}) == {}
 
   # Tasks 0 and 1 use disjoint skills (cosine 0), task 2 mixes them evenly (cosine 1/sqrt(2) to each).
   one_hot = {"l": np.array([[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]]])}
-  similarity = analysis.routing_similarity(one_hot)
+  similarity = routing.routing_similarity(one_hot)
   np.testing.assert_allclose(similarity, [[1, 0, 2 ** -0.5], [0, 1, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5, 1]],
                              atol=1e-15)
   # Concatenating layers: identical in one layer, disjoint in the other.
   two = {"a": np.array([[[1.0, 0.0]], [[1.0, 0.0]]]), "b": np.array([[[1.0, 0.0]], [[0.0, 1.0]]])}
-  assert analysis.routing_similarity(two)[0, 1] == pytest.approx(0.5)
+  assert routing.routing_similarity(two)[0, 1] == pytest.approx(0.5)
 
 
 def test_layer_order_and_plotted_layers():
   layers = ["decoder/block_10/mlp/wo", "decoder/block_2/self_attention/q", "encoder/block_1/mlp/wi_0",
             "encoder/block_1/self_attention/o", "encoder/block_1/self_attention/k",
             "decoder/block_2/cross_attention/v", "encoder/block_0/mlp/wo", "encoder/block_1/mlp/wo"]
-  ordered = sorted(layers, key=analysis.layer_sort_key)
+  ordered = sorted(layers, key=routing.layer_sort_key)
   assert ordered == ["encoder/block_0/mlp/wo", "encoder/block_1/self_attention/k",
                      "encoder/block_1/self_attention/o", "encoder/block_1/mlp/wi_0", "encoder/block_1/mlp/wo",
                      "decoder/block_2/self_attention/q", "decoder/block_2/cross_attention/v",
                      "decoder/block_10/mlp/wo"]
-  assert analysis.plotted_layers(ordered) == [ordered[0], ordered[4], ordered[-1]]
-  assert analysis.plotted_layers(["shared"]) == ["shared"]
-  assert analysis.plotted_layers([]) == []
+  assert figures.plotted_layers(ordered) == [ordered[0], ordered[4], ordered[-1]]
+  assert figures.plotted_layers(["shared"]) == ["shared"]
+  assert figures.plotted_layers([]) == []
 
 
 def test_cluster_order_keeps_similar_tasks_together():
@@ -300,14 +302,14 @@ def test_cluster_order_keeps_similar_tasks_together():
   groups = np.array([0, 1, 0, 1, 0])
   similarity = np.where(groups[:, None] == groups[None, :], 0.9, 0.1)
   np.fill_diagonal(similarity, 1.0)
-  order = analysis.cluster_order(similarity)
+  order = routing.cluster_order(similarity)
   assert sorted(order) == list(range(5))
   labels = groups[order]
   assert (np.diff(labels) != 0).sum() == 1  # one switch between the groups
 
 
 def test_similarity_csv_quotes_names():
-  text = analysis.similarity_csv(np.array([[1.0, 0.25], [0.25, 1.0]]), ["plain", 'a,b "c"'])
+  text = figures.similarity_csv(np.array([[1.0, 0.25], [0.25, 1.0]]), ["plain", 'a,b "c"'])
   rows = list(csv.reader(text.splitlines()))
   assert rows == [["task", "plain", 'a,b "c"'], ["plain", "1.0", "0.25"], ['a,b "c"', "0.25", "1.0"]]
 
@@ -323,8 +325,8 @@ def test_gradient_leaves_by_adapter_kind(kind, leaves, tmp_path):
   cfg = config_lib.load_config()
   from mhr_jax.adapters import params as params_lib  # pylint: disable=g-import-not-at-top
   params = params_lib.abstract_params(cfg.model)
-  chosen = analysis.gradient_leaves(cfg, params)
+  chosen = gradients.gradient_leaves(cfg, params)
   assert {p[-1] for p in chosen} == leaves
-  assert analysis.gradient_group(cfg) == ("base" if kind == "none" else "adapters")
+  assert gradients.gradient_group(cfg) == ("base" if kind == "none" else "adapters")
   if kind != "none":
-    assert {"/".join(p[:-1]) for p in chosen} == set(analysis.adapted_layers(params))
+    assert {"/".join(p[:-1]) for p in chosen} == set(routing.adapted_layers(params))

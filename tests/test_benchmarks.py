@@ -96,7 +96,7 @@ def test_benchmarks_import_without_tensorflow_seqio_or_gin(env):
           "for name in ('tensorflow', 'seqio', 'gin', 'mhr_jax.data', 'tasks'):\n"
           "  sys.modules[name] = None\n"
           "import benchmarks.step, benchmarks.jax_cases, benchmarks.torch_cases\n"
-          "from mhr_jax import adaptation, decoding, train_step\n")
+          "from mhr_jax.evaluation import decoding\nfrom mhr_jax.training import adaptation, train_step\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,8 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mhr_jax import checkpoint_packing as packing
-from mhr_jax.run_checkpoints import RunCheckpointer, read_state, restore_params
+from mhr_jax.checkpoints import packing
+from mhr_jax.checkpoints.run_state import RunCheckpointer, read_state, restore_params
 
 
 def _mesh(n):

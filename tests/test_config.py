@@ -52,7 +52,7 @@ def test_every_config_parses(path, tmp_path):
   if "Experiment." in text:  # an experiment: every stage's config builds
     import argparse
     import transformers
-    from mhr_jax import experiment, experiment_plan
+    from mhr_jax.experiment import plan as experiment_plan, runner as experiment
     # A Hugging Face base's config.json (T5-XL LM-adapted sizes) where the config reads one.
     transformers.T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
                           feed_forward_proj="gated-gelu", tie_word_embeddings=False).to_json_file(

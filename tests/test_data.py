@@ -7,7 +7,7 @@ import seqio
 import tensorflow as tf
 
 import fixtures_formats as ff
-from mhr_jax import data
+from mhr_jax.data import pipeline as data
 from tasks import superni
 
 TAGS = {0: "aa", 1: "bbb", 2: "c"}  # task id -> instance input prefix

@@ -8,7 +8,7 @@ import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import hf_oracle
-from mhr_jax import decoding
+from mhr_jax.evaluation import decoding
 from mhr_jax.adapters.config import AdapterConfig
 from mhr_jax.checkpoints.hf_t5 import load_hf_t5
 from mhr_jax.models.t5 import T5

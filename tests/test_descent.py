@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mhr_jax import adaptation, losses, models, optim, partitioning
-from mhr_jax import train_step as ts
+from mhr_jax.training import adaptation, losses, optim
+from mhr_jax import models, partitioning
+from mhr_jax.training import train_step as ts
 from mhr_jax.adapters import AdapterConfig, methods
 from mhr_jax.adapters.config import KINDS
 from mhr_jax.adapters import params as param_groups

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import hf_oracle
-from mhr_jax import decoding, evaluation, partitioning
+from mhr_jax.evaluation import decoding, drivers as evaluation
+from mhr_jax import partitioning
 from mhr_jax.adapters.config import AdapterConfig
 from mhr_jax.checkpoints.hf_t5 import load_hf_t5
 from mhr_jax.models.t5 import T5

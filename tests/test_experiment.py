@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from mhr_jax import cli, experiment
+from mhr_jax import cli
+from mhr_jax.experiment import runner as experiment
 from mhr_jax import config as config_lib
 
 REPO = config_lib.REPO_ROOT
@@ -145,7 +146,7 @@ def test_experiment_end_to_end(finished, env, config_file):
 
 
 def test_report_runs_without_jax(finished, tmp_path):
-  """The tables come from the results files alone: `python -m mhr_jax.report` where JAX (and TensorFlow)
+  """The tables come from the results files alone: `python -m mhr_jax.experiment.report` where JAX (and TensorFlow)
   cannot be imported rewrites the same summary."""
   model_dir, _ = finished
   reference = _read(os.path.join(model_dir, "results.json"))
@@ -156,7 +157,7 @@ def test_report_runs_without_jax(finished, tmp_path):
       "    if name.split('.')[0] in ('jax', 'jaxlib', 'flax', 'orbax', 'tensorflow', 'seqio'):\n"
       "      raise ImportError('blocked: ' + name)\n"
       "sys.meta_path.insert(0, Blocked())\n"
-      "from mhr_jax import report\n"
+      "from mhr_jax.experiment import report\n"
       f"sys.exit(report.main(['--model_dir', {model_dir!r}]))\n")
   result = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -165,7 +166,7 @@ def test_report_runs_without_jax(finished, tmp_path):
 
 def test_a_stage_is_done_only_when_its_results_say_so_at_its_steps(tmp_path):
   """stage_done: a results.json saying "preempted", or "done" at another step count, is not done."""
-  from mhr_jax import experiment_plan  # pylint: disable=g-import-not-at-top
+  from mhr_jax.experiment import plan as experiment_plan  # pylint: disable=g-import-not-at-top
   train = experiment_plan.Stage("pretrain/mhr", "train", "pretrain", str(tmp_path / "p"))
   adapt = experiment_plan.Stage("adapt/mhr", "adapt", "adapt", str(tmp_path / "a"))
   cfg = lambda steps: argparse.Namespace(run=argparse.Namespace(train_steps=steps))  # noqa: E731
@@ -188,7 +189,7 @@ def _tmp_files(model_dir):
 # the directory sees it late when it is starved of CPU, and the stage may by then have finished.)
 KILL_AT_CHECKPOINTER = """
 import os, runpy, signal, sys
-from mhr_jax import run_checkpoints
+from mhr_jax.checkpoints import run_state as run_checkpoints
 prefix, init = sys.argv[1], run_checkpoints.RunCheckpointer.__init__
 
 def init_then_kill(self, directory, *args, **kwargs):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mhr_jax import losses
+from mhr_jax.training import losses
 
 TFEW_RTOL = 1e-4  # our T5 against Hugging Face's: fp32 logits agree to ~1e-5
 
@@ -104,7 +104,7 @@ def test_tfew_loss_matches_a_port_of_tfew_on_hugging_face_logits(tmp_path):
   """The T-Few objective of the train step against T-Few's own code on the same HF T5's logits."""
   import hf_oracle
   from mhr_jax import checkpoints, models
-  from mhr_jax import train_step as ts
+  from mhr_jax.training import train_step as ts
   model = hf_oracle.make_hf_model("v1_1", seed=3)
   model.save_pretrained(tmp_path / "hf")
   cfg, params = checkpoints.load_hf_t5(str(tmp_path / "hf"))

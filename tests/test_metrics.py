@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from mhr_jax import metrics
+from mhr_jax.evaluation import metrics
 
 
 def _f(p, r):

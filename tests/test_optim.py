@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
-from mhr_jax import optim
+from mhr_jax.training import optim
 from mhr_jax.adapters import params as param_groups
 
 _RNG = np.random.default_rng(0)

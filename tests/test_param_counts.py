@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mhr_jax import optim
+from mhr_jax.training import optim
 from mhr_jax.adapters import transforms
 from mhr_jax.adapters.config import AdapterConfig
 from mhr_jax.adapters.params import (abstract_params, combine, count_params, default_rules,

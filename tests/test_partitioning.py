@@ -8,7 +8,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from mhr_jax import models, partitioning
 from mhr_jax.adapters import AdapterConfig
-from mhr_jax.train_step import abstract_boxed_params
+from mhr_jax.training.train_step import abstract_boxed_params
 
 
 def _boxed(adapter=None):

@@ -11,7 +11,7 @@ import pytest
 
 from mhr_jax import config as config_lib
 from mhr_jax import cli
-from mhr_jax.run_checkpoints import read_state
+from mhr_jax.checkpoints.run_state import read_state
 
 REPO = config_lib.REPO_ROOT
 STEPS = 10
@@ -127,7 +127,7 @@ def test_metrics_file_is_cut_back_to_the_checkpoint(tmp_path):
 def test_the_frozen_base_is_saved_once_per_run(reference):
   """Step checkpoints hold the trained part and the optimizer state; the frozen base is saved once, in
   RUN_DIR/frozen, and read back with them."""
-  from mhr_jax import run_checkpoints  # pylint: disable=g-import-not-at-top
+  from mhr_jax.checkpoints import run_state as run_checkpoints  # pylint: disable=g-import-not-at-top
   assert os.listdir(os.path.join(reference, "frozen")) == ["0"]
   checkpoints = os.path.join(reference, "checkpoints")
   apart = read_state(run_checkpoints.frozen_store(checkpoints), 0)

@@ -10,8 +10,10 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 import hf_oracle
-from mhr_jax import decoding, losses, optim, partitioning
-from mhr_jax import train_step as ts
+from mhr_jax.evaluation import decoding
+from mhr_jax.training import losses, optim
+from mhr_jax import partitioning
+from mhr_jax.training import train_step as ts
 from mhr_jax.adapters import AdapterConfig, transforms
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.checkpoints import hf_t5, peft as peft_io

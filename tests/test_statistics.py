@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from mhr_jax import statistics
+from mhr_jax.experiment import statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # scipy and we draw different resamples, so the two percentile intervals differ by Monte Carlo error only.
@@ -193,7 +193,7 @@ def test_imports_without_jax_tensorflow_or_seqio():
   code = ("import sys\n"
           "for name in ('jax', 'jaxlib', 'flax', 'tensorflow', 'seqio'):\n"
           "  sys.modules[name] = None\n"
-          "from mhr_jax import statistics, study_plots\n"
+          "from mhr_jax.experiment import report, statistics, study, study_plots\n"
           "statistics.paired_bootstrap([{'diff': 1.0, 'task': None, 'seeds': [0]}])\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                         capture_output=True, text=True)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mhr_jax import statistics, study
+from mhr_jax.experiment import statistics, study
 from mhr_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,11 +211,11 @@ Study.hypotheses = ({'id': 'H1', 'claim': 'MHR beats LoRA', 'a': 'adapt/mhr', 'b
                      'test': 'superiority'},)
 """
 
-# `python -m mhr_jax.study ARGS` that SIGKILLs itself when it opens a run checkpoint directory under PREFIX, so
+# `python -m mhr_jax.experiment.study ARGS` that SIGKILLs itself when it opens a run checkpoint directory under PREFIX, so
 # the kill lands at that moment whatever the machine's speed.
 KILL_AT_CHECKPOINTER = """
 import os, runpy, signal, sys
-from mhr_jax import run_checkpoints
+from mhr_jax.checkpoints import run_state as run_checkpoints
 prefix, init = sys.argv[1], run_checkpoints.RunCheckpointer.__init__
 
 def init_then_kill(self, directory, *args, **kwargs):
@@ -224,8 +224,8 @@ def init_then_kill(self, directory, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 run_checkpoints.RunCheckpointer.__init__ = init_then_kill
-sys.argv = ["mhr_jax.study", *sys.argv[2:]]
-runpy.run_module("mhr_jax.study", run_name="__main__", alter_sys=True)
+sys.argv = ["mhr_jax.experiment.study", *sys.argv[2:]]
+runpy.run_module("mhr_jax.experiment.study", run_name="__main__", alter_sys=True)
 """
 
 
@@ -240,7 +240,7 @@ def test_a_study_resumes_after_kill_9_and_reports_its_cells(env, tmp_path):
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert os.path.isfile(os.path.join(model_dir, study.PLAN_FILE))  # the hypotheses, fixed before any cell ran
   assert not os.path.exists(os.path.join(model_dir, "results.json"))
-  command = [sys.executable, "-m", "mhr_jax.study", *flags]
+  command = [sys.executable, "-m", "mhr_jax.experiment.study", *flags]
   resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   for stage in ("base", "pretrain/mhr", "pretrain/lora"):

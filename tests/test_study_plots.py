@@ -5,7 +5,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from mhr_jax import statistics, study_plots
+from mhr_jax import storage
+from mhr_jax.experiment import statistics, study_plots
 
 
 def _rows(n=3):
@@ -97,7 +98,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
   def replace_fails(src, dst):
     raise OSError("disk full")
 
-  monkeypatch.setattr(study_plots.os, "replace", replace_fails)
+  monkeypatch.setattr(storage.os, "replace", replace_fails)
   with pytest.raises(OSError, match="disk full"):
     study_plots.forest_plot(_rows(2), str(path))
   assert _files(tmp_path) == ["forest.png"] and path.read_bytes() == b"the previous figure"

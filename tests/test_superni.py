@@ -7,7 +7,7 @@ import pytest
 import seqio
 
 import fixtures_formats as ff
-from mhr_jax import data
+from mhr_jax.data import pipeline as data
 from tasks import superni
 
 TRAIN = ["task001_copy", "task002_more", "task003_small"]

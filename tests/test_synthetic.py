@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from mhr_jax import data
+from mhr_jax.data import pipeline as data
 from tasks import superni, synthetic
 
 # Independent re-statements of the skills, to check the written outputs.

@@ -7,7 +7,7 @@ import pytest
 import seqio
 
 import fixtures_formats as ff
-from mhr_jax import data
+from mhr_jax.data import pipeline as data
 from tasks import t0
 
 CATALOG = {

@@ -72,7 +72,7 @@ def bridge():
   if not HAS_T5X:
     pytest.skip("T5X is not installed (it is not on PyPI; see README.md, section 'T5X')")
   import seqio
-  from mhr_jax import optim
+  from mhr_jax.training import optim
   from mhr_jax.adapters import AdapterConfig
   from mhr_jax.t5x_bridge import models as bridge_models
   from mhr_jax.t5x_bridge import optim as bridge_optim
@@ -138,7 +138,8 @@ def test_initial_variables_are_unboxed_with_the_modules_axis_names(mhr):
 @needs_t5x
 def test_loss_and_score_batch_route_by_task_as_the_project_does(mhr):
   import jax.numpy as jnp
-  from mhr_jax import decoding, losses
+  from mhr_jax.evaluation import decoding
+  from mhr_jax.training import losses
   model, _, params = mhr
   batch = _batch()
   logits = model.module.apply({"params": params}, batch["encoder_input_tokens"],
@@ -170,7 +171,7 @@ def test_out_of_range_task_ids_fail_before_the_routing_gather(mhr):
 def test_predict_batch_equals_the_projects_greedy_and_beam_search(mhr, bridge):
   import functools
   from t5x import decoding as t5x_decoding
-  from mhr_jax import decoding
+  from mhr_jax.evaluation import decoding
   model, _, params = mhr
   batch = _batch()
   inputs, task_ids, max_len = batch["encoder_input_tokens"], batch["task_ids"], 6
@@ -194,7 +195,7 @@ def test_predict_batch_equals_the_projects_greedy_and_beam_search(mhr, bridge):
 def test_optimizer_freezes_the_base_and_gives_routing_its_own_rate(mhr):
   import flax.core
   import jax
-  from mhr_jax import optim
+  from mhr_jax.training import optim
   model, _, params = mhr
   opt = model.optimizer_def
   labels = opt.labels(params)
@@ -255,7 +256,7 @@ def test_partitioning_rules_map_the_adapter_and_activation_names():
 def test_feature_converter_gives_the_projects_rows_and_checks_ids():
   import seqio
   import tensorflow as tf
-  from mhr_jax import data
+  from mhr_jax.data import pipeline as data
   from mhr_jax.t5x_bridge import features
   examples = [{"inputs": [5, 6, 7, 1], "targets": [8, 9, 1], "task_ids": 2},
               {"inputs": [4, 1], "targets": [3, 3, 3, 1], "task_ids": 0},
@@ -326,7 +327,7 @@ def _logits(module, params, batch):
 def test_checkpoints_convert_both_ways_with_equal_logits_and_optimizer_state(mhr, tmp_path):
   import flax.core
   import jax
-  from mhr_jax import run_checkpoints
+  from mhr_jax.checkpoints import run_state as run_checkpoints
   from mhr_jax.t5x_bridge import checkpoints as bridge_checkpoints
   model, _, params = mhr
   tx = model.optimizer_def.optax_optimizer
@@ -423,7 +424,8 @@ def test_t0_rank_task_scores_choices_as_the_projects_rank_classification(bridge,
   import json
   import seqio
   import fixtures_formats as ff
-  from mhr_jax import data, evaluation
+  from mhr_jax.data import pipeline as data
+  from mhr_jax.evaluation import drivers as evaluation
   from mhr_jax.t5x_bridge import tasks as bridge_tasks
   choices = ["yes", "no", "maybe so"]
   for subset in T0_CATALOG["train"][0]["subsets"]:

@@ -18,7 +18,7 @@ from mhr_jax import config as config_lib
 from mhr_jax import cli, train
 from mhr_jax.adapters import params as params_lib
 from mhr_jax.models.config import preset
-from mhr_jax.run_checkpoints import restore_params
+from mhr_jax.checkpoints.run_state import restore_params
 
 REPO = config_lib.REPO_ROOT
 
@@ -83,7 +83,7 @@ def test_adapt_from_pretraining_run(env, tiny_run, tmp_path):
   """MHR-z through the CLI: one fresh routing row per pair trains, the skill inventory stays put; the
   parameters of the step with the best dev ROUGE-L are kept (best-on-dev); the reported metrics are the
   official ones of the stored predictions against the task file's test instances."""
-  from mhr_jax import metrics
+  from mhr_jax.evaluation import metrics
   from tasks import superni
   pretrain_dir, _, pretrained = tiny_run
   assert pretrained.returncode == 0, pretrained.stderr[-3000:]

@@ -8,8 +8,9 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from mhr_jax import losses, models, optim, partitioning
-from mhr_jax import train_step as ts
+from mhr_jax.training import losses, optim
+from mhr_jax import models, partitioning
+from mhr_jax.training import train_step as ts
 from mhr_jax.adapters import AdapterConfig, anneal_factor
 from mhr_jax.adapters import params as param_groups
 

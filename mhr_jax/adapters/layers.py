@@ -119,14 +119,6 @@ class Routing(nn.Module):
     return nn.with_logical_constraint(w, ("activation_batch", None, None))
 
 
-def check_divisible(cfg: AdapterConfig, path: str, d_in: int, d_out: int) -> None:
-  """ValueError unless S divides both widths of the layer (the reference code does not check)."""
-  if d_in % cfg.n_splits or d_out % cfg.n_splits:
-    raise ValueError(
-        f"adapter.n_splits={cfg.n_splits} must divide the widths of layer {path} "
-        f"(d_in={d_in}, d_out={d_out})")
-
-
 def check_task_ids(task_ids, n_tasks: int) -> None:
   """ValueError for out-of-range task ids when they are concrete (gathers would clamp silently)."""
   if isinstance(task_ids, jax.core.Tracer):
@@ -220,8 +212,8 @@ def apply_adapter(module: nn.Module, path: str, x: jax.Array, y: jax.Array, d_ou
     check_task_ids(task_ids, cfg.n_tasks)
     return y + batched_lora(x, a.astype(dtype)[task_ids], b.astype(dtype)[task_ids], scale)
 
-  # poly / mhr: the routed inventory.
-  check_divisible(cfg, path, d_in, d_out)
+  # poly / mhr: the routed inventory (T5Config has checked that S divides d_in and d_out; the reference code
+  # does not check).
   s_, k_, r_ = cfg.n_splits, cfg.n_skills, cfg.rank
   a = module.param("lora_a", part(_uniform(lora_a_bound(cfg.init_a, d_in, s_)), LORA_A_AXES),
                    (s_, k_, d_in // s_, r_), param_dtype)

@@ -22,6 +22,7 @@ from mhr_jax.adapters.methods import (ADAPTER_RE, GROUPS, IA3_RE, LORA_RE, METHO
                                       ROUTING_AND_ADAPTERS, ROUTING_RE, TRAINED, Method, Rules,
                                       canonical_method)
 
+
 def default_rules(method: str) -> list[tuple[str, str]]:
   """The (regex, group) rules of `method` (one of METHODS; '_' and '-' are interchangeable)."""
   return list(methods.get(method).rules)

@@ -45,7 +45,9 @@ from t5x import partitioning as t5x_partitioning
 from t5x import train_state as t5x_train_state
 from t5x import utils as t5x_utils
 
-from mhr_jax import models, optim, partitioning, run_checkpoints, train_step
+from mhr_jax import models, partitioning
+from mhr_jax.training import optim, train_step
+from mhr_jax.checkpoints import run_state as run_checkpoints
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.adapters import transforms
 from mhr_jax.checkpoints import hf_t5

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import seqio
 import tensorflow as tf
 
-from mhr_jax import data
+from mhr_jax.data import pipeline as data
 
 _Spec = seqio.FeatureConverter.FeatureSpec
 

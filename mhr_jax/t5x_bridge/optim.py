@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec
 from t5x import optimizers as t5x_optimizers
 from t5x import trainer as t5x_trainer
 
-from mhr_jax import optim
+from mhr_jax.training import optim
 from mhr_jax.adapters import params as param_groups
 
 Rules = Sequence[tuple[str, str]]

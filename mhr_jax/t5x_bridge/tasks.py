@@ -26,7 +26,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from mhr_jax import data, metrics
+from mhr_jax.data import pipeline as data
+from mhr_jax.evaluation import metrics
 from mhr_jax.t5x_bridge.features import TASK_IDS_FEATURE, task_ids_as_vector
 
 SOURCES = ("synthetic", "superni", "t0")

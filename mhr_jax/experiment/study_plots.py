@@ -1,48 +1,20 @@
 """The study's figures: hypotheses as a forest plot, sweep curves and per-method bars, with their intervals.
 
-matplotlib with the Agg canvas on a bare Figure (no pyplot, so no global backend state), NumPy, and no
-JAX. Each figure is rendered in memory first, so bad input or a plotting error writes nothing; the PNG then
-goes to a temporary file in the target's directory and is renamed over the target (os.replace), so a
-reader never sees half a file and an error leaves no temporary file behind.
+NumPy and matplotlib (mhr_jax.plotting: a bare Agg figure, rendered in memory and written atomically), no
+JAX: bad input or a plotting error writes nothing.
 """
 from __future__ import annotations
 
-import io
 import math
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from mhr_jax.statistics import VERDICTS
+from mhr_jax.experiment.statistics import VERDICTS
+from mhr_jax.plotting import figure, write_png
 
 VERDICT_COLORS = {"supported": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray"}
 FOREST_KEYS = ("id", "comparison", "mean_diff", "ci_low", "ci_high", "verdict", "observations")
-
-
-def _figure(width: float, height: float):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(width, height), dpi=100)
-  FigureCanvasAgg(fig)
-  return fig
-
-
-def _write_png(fig, path: str) -> None:
-  """Renders `fig` and writes it to `path` atomically (temporary file in the same directory, os.replace)."""
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(buffer.getvalue())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _is_sequence(values, length: int) -> bool:
@@ -108,7 +80,7 @@ def forest_plot(rows: Sequence[Mapping], path: str) -> None:
   checked = [_check_forest_row(i, row) for i, row in enumerate(rows)]
   panels = list(dict.fromkeys(row["metric"] for row in checked))
   sizes = [sum(row["metric"] == m for row in checked) for m in panels]
-  fig = _figure(8, 0.6 * len(checked) + 1.2 * len(panels) + 0.4)
+  fig = figure(8, 0.6 * len(checked) + 1.2 * len(panels) + 0.4)
   grid = fig.add_gridspec(len(panels), 1, height_ratios=sizes)
   for p, metric in enumerate(panels):
     ax = fig.add_subplot(grid[p])
@@ -133,7 +105,7 @@ def forest_plot(rows: Sequence[Mapping], path: str) -> None:
       present = [v for v in VERDICTS if any(row["verdict"] == v for row in checked)]
       ax.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in present], loc="best", fontsize=8)
   fig.tight_layout()
-  _write_png(fig, path)
+  write_png(fig, path)
 
 
 def line_plot(xs: Sequence[float], series: Mapping[str, tuple], path: str, xlabel: str, ylabel: str,
@@ -161,7 +133,7 @@ def line_plot(xs: Sequence[float], series: Mapping[str, tuple], path: str, xlabe
     if np.any(arrays[1] > arrays[2]):
       raise ValueError(f"line_plot: series {name!r}: a ci_low exceeds its ci_high")
     lines[name] = arrays
-  fig = _figure(7, 4.5)
+  fig = figure(7, 4.5)
   ax = fig.add_subplot()
   for name, (means, lows, highs) in lines.items():
     (line,) = ax.plot(x, means, "o-", lw=1.5, ms=4, label=name)
@@ -172,7 +144,7 @@ def line_plot(xs: Sequence[float], series: Mapping[str, tuple], path: str, xlabe
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  _write_png(fig, path)
+  write_png(fig, path)
 
 
 def bar_plot(bars: Mapping[str, tuple], path: str, ylabel: str, title: str) -> None:
@@ -188,7 +160,7 @@ def bar_plot(bars: Mapping[str, tuple], path: str, ylabel: str, title: str) -> N
     raise ValueError("bar_plot: no bars")
   names = list(bars)
   values = np.asarray([_interval(bars[n], f"bar_plot: bar {n!r}") for n in names])  # (methods, 3)
-  fig = _figure(0.8 * len(names) + 2.5, 4)
+  fig = figure(0.8 * len(names) + 2.5, 4)
   ax = fig.add_subplot()
   x = np.arange(len(names))
   ax.bar(x, values[:, 0], color="tab:blue", alpha=0.8)
@@ -199,4 +171,4 @@ def bar_plot(bars: Mapping[str, tuple], path: str, ylabel: str, title: str) -> N
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(axis="y", alpha=0.3)
-  _write_png(fig, path)
+  write_png(fig, path)

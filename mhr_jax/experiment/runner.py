@@ -5,12 +5,12 @@ held-out tasks with every method -> evaluation -> tables and plots.
 
 Flags as `python -m mhr_jax.train` (mhr_jax/cli.py), plus --dry_run: print the plan (stages, their run
 directories, step counts, and which are done) and run nothing. The stages and their gin scopes are
-mhr_jax/experiment_plan.py's; each stage is a run directory with its own config.gin, which reruns that stage
+mhr_jax/experiment/plan.py's; each stage is a run directory with its own config.gin, which reruns that stage
 alone (`python -m mhr_jax.train --gin_file=MODEL_DIR/<stage>/config.gin`). A stage is done when its
 results.json says so (written atomically, last); running the same command again skips finished stages and
 continues an interrupted one from its own checkpoint. Every stage config is built and checked before
 anything runs. At the end MODEL_DIR holds results.md, results.csv, results.json (`summary`: one row per
-method) and plots (mhr_jax/report.py, which `python -m mhr_jax.report --model_dir=...` reruns without JAX).
+method) and plots (mhr_jax/experiment/report.py, which `python -m mhr_jax.experiment.report --model_dir=...` reruns without JAX).
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from typing import Sequence
 import gin
 import jax
 
-from mhr_jax import cli, fewshot, partitioning, pretrain, report
+from mhr_jax import cli, partitioning
+from mhr_jax.stages import fewshot, pretrain
+from mhr_jax.experiment import report
 from mhr_jax import config as config_lib
-from mhr_jax import experiment_plan as plan_lib
+from mhr_jax.experiment import plan as plan_lib
 from mhr_jax.errors import ConfigError, RunError
 from mhr_jax.logging_utils import banner, log
 from mhr_jax.storage import read_json, write_json_atomic
@@ -122,7 +124,7 @@ def share_compiled_programs(model_dir: str) -> None:
 
 def _run_stage(exp: plan_lib.Experiment, stage: plan_lib.Stage, by_name: dict, cfg, text) -> int:
   if stage.kind == "analysis":
-    from mhr_jax import analysis  # pylint: disable=g-import-not-at-top
+    from mhr_jax.analysis import run as analysis  # pylint: disable=g-import-not-at-top
     analysis.analyze(by_name[stage.after[0]].directory, out=stage.directory,
                      grad_batches=exp.analysis_grad_batches)
     return 0

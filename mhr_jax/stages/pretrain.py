@@ -18,13 +18,14 @@ import jax
 import numpy as np
 
 from mhr_jax import config as config_lib
-from mhr_jax import models, optim, partitioning, train_step
+from mhr_jax import models, partitioning
+from mhr_jax.training import optim, train_step
 from mhr_jax.adapters import params as params_lib
 from mhr_jax.adapters import transforms
 from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import (MetricsJsonl, TensorBoard, Throughput, banner, format_metrics, log,
                                    peak_flops_total, progress_bar, train_flops_per_step)
-from mhr_jax.run_checkpoints import RunCheckpointer, StopSignal, latest_step, restore_params
+from mhr_jax.checkpoints.run_state import RunCheckpointer, StopSignal, latest_step, restore_params
 from mhr_jax.storage import read_json, write_json_atomic
 
 EXIT_PREEMPTED = 143  # cli.EXIT_PREEMPTED: 128 + SIGTERM, after the checkpoint is written
@@ -146,7 +147,7 @@ def _host_tokens(batch) -> float:
 def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
   """Sections data -> state -> checkpoint -> loop -> results; returns 0, or EXIT_PREEMPTED. On a run
   directory whose results say it is done at RunConfig.train_steps, it does nothing and returns 0."""
-  from mhr_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: only when training)
+  from mhr_jax.data import pipeline as data  # pylint: disable=g-import-not-at-top  (TensorFlow: only when training)
   run_cfg, model_dir = cfg.run, cfg.run.model_dir
   results = read_json(os.path.join(model_dir, "results.json"))
   if results and results.get("status") == "done" and results.get("step") == run_cfg.train_steps:

@@ -1,6 +1,6 @@
 r"""The experiment's tables and plots, computed from the stages' results files alone (no JAX).
 
-  python -m mhr_jax.report --model_dir=runs/demo
+  python -m mhr_jax.experiment.report --model_dir=runs/demo
 
 Reads MODEL_DIR/plan.json (written by mhr_jax.experiment) and each stage's results.json / metrics.jsonl,
 and writes, each atomically:
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import sys
 
@@ -223,7 +222,7 @@ def write_report(model_dir: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m mhr_jax.report", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m mhr_jax.experiment.report", description=__doc__.split("\n")[0])
   parser.add_argument("--model_dir", required=True, help="an experiment directory (with plan.json)")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:

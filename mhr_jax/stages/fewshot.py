@@ -4,8 +4,8 @@ evaluated, and written as one run directory.
 `adapt(cfg, config_text, mesh)` (RunConfig.mode="adapt") starts from a pre-training run's latest
 checkpoint (RunConfig.pretrain_dir), or from a plain base (a run of kind "none", or a Hugging Face
 directory in RunConfig.init_checkpoint) with a fresh adapter: the no-pre-training control. All pairs train
-as one vmapped program (mhr_jax/adaptation.py); each is then evaluated on its test data
-(mhr_jax/fewshot_benchmarks.py). The run directory holds config.gin, metrics.jsonl, resume/ (the training
+as one vmapped program (mhr_jax/training/adaptation.py); each is then evaluated on its test data
+(mhr_jax/data/fewshot.py and mhr_jax/evaluation/fewshot.py). The run directory holds config.gin, metrics.jsonl, resume/ (the training
 state, saved every RunConfig.checkpoint_every steps: a rerun continues exactly), pairs/ (one result file
 per evaluated pair, with its predictions: a rerun skips them), checkpoints/ (the adapted parameters) and,
 written last, results.json and results.md. SIGTERM saves the state and ends with status 143. With several
@@ -22,12 +22,13 @@ import zlib
 import jax
 import numpy as np
 
-from mhr_jax import adaptation, models, partitioning
+from mhr_jax.training import adaptation
+from mhr_jax import models, partitioning
 from mhr_jax import config as config_lib
 from mhr_jax.adapters import methods
 from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import MetricsJsonl, banner, format_metrics, log, progress_bar
-from mhr_jax.run_checkpoints import RunCheckpointer, StopSignal, latest_step, restore_params
+from mhr_jax.checkpoints.run_state import RunCheckpointer, StopSignal, latest_step, restore_params
 from mhr_jax.storage import read_json, write_json_atomic, write_text_atomic
 
 EXIT_PREEMPTED = 143
@@ -211,7 +212,9 @@ def _allgather_json(value) -> list:
 
 
 def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict, stop: StopSignal) -> int:
-  from mhr_jax import data, fewshot_benchmarks  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from mhr_jax.data import pipeline as data  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from mhr_jax.data import fewshot as fewshot_data  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from mhr_jax.evaluation import fewshot as fewshot_eval  # pylint: disable=g-import-not-at-top
   a, run_cfg, model_dir = cfg.adapt, cfg.run, cfg.run.model_dir
   start_time = time.time()
   config_lib.write_run_files(cfg, config_text)
@@ -221,7 +224,7 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
                                                                         "fewshot_seeds": a.seeds}
   registration, vocabulary = data.register_data(cfg.data, cfg.default_data_dir, vocab_size=cfg.model.vocab_size,
                                                **fewshot)
-  benchmark = fewshot_benchmarks.fewshot_pairs(cfg, registration, vocabulary)
+  benchmark = fewshot_data.fewshot_pairs(cfg, registration, vocabulary)
   pairs = benchmark.pairs
   log.info("%d pairs: %s", len(pairs), benchmark.description)
   # Pairs are independent: with several processes each adapts and evaluates every process_count-th pair
@@ -241,12 +244,12 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   if not steps:
     log.info("RunConfig.train_steps=0: evaluating the %s starting point zero-shot", a.method)
   sequential = not methods.get(a.method).vmapped
-  batches = (fewshot_benchmarks.PairBatches(benchmark.train_streams(mine), keep_all=sequential)
+  batches = (fewshot_data.PairBatches(benchmark.train_streams(mine), keep_all=sequential)
              if steps else None)
   select = {}
   if a.select_every and steps:
     select = ({"dev_batches": benchmark.dev_batches(mine)} if a.select_metric == "loss"
-              else {"select": benchmark.dev_scorer(mesh, mine)})
+              else {"select": fewshot_eval.dev_scorer(benchmark, mesh, mine)})
     log.info("best-on-dev: every %d steps by dev %s", a.select_every, a.select_metric)
   own = f"process_{jax.process_index()}" if multi else ""
   resume = _OrbaxResume(os.path.join(model_dir, "resume", own), run_cfg.checkpoint_every, steps, stop,
@@ -310,7 +313,7 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   if cfg.data.source != "t0":
     results["shots"] = a.shots
   if a.evaluate:
-    results["table"], markdown = benchmark.summary(rows)
+    results["table"], markdown = fewshot_eval.summary(cfg.data.source, rows)
     write_text_atomic(os.path.join(model_dir, "results.md"),
                       f"# {a.method} few-shot adaptation ({cfg.data.source}); mean ± std over seeds "
                       f"{list(a.seeds)}\n\n{markdown}\n")
@@ -348,6 +351,7 @@ def _evaluate_pairs(benchmark, model, result, rows, model_dir: str, mesh, stop: 
   """Evaluates this process's pairs (rows: their index, task, seed, final loss), reusing pairs/<i>.json
   written for the same training; adds each pair's metrics and predictions to its row. Returns 0, or
   EXIT_PREEMPTED after a SIGTERM (the evaluated pairs are kept)."""
+  from mhr_jax.evaluation import fewshot as fewshot_eval  # pylint: disable=g-import-not-at-top  (TensorFlow)
   with progress_bar(0, len(rows), unit="pair") as pair_bar:
     for j, row in enumerate(rows):
       path = _pair_file(model_dir, row["index"])
@@ -356,7 +360,7 @@ def _evaluate_pairs(benchmark, model, result, rows, model_dir: str, mesh, stop: 
         with open(path) as f:
           saved = json.load(f)
       if saved is None or any(saved.get(k) != row.get(k) for k in ("task", "seed", "final_loss")):
-        saved = {**row, **benchmark.evaluate(model, result.pair_params(j), row["index"], mesh)}
+        saved = {**row, **fewshot_eval.evaluate(benchmark, model, result.pair_params(j), row["index"], mesh)}
         write_json_atomic(path, saved)  # with the predictions, for error analysis
       row.update({k: v for k, v in saved.items() if k not in row})
       log.info("%s seed %d: %s", row["task"], row["seed"],

@@ -2,7 +2,7 @@
 
 A checkpoint at step s holds the train state after s updates (linen boxes removed, so the tree
 is plain arrays; its small replicated leaves packed into one array per dtype, with a JSON "layout"
-item naming them: mhr_jax/checkpoint_packing.py) and a small JSON "progress" item with the data
+item naming them: mhr_jax/checkpoints/packing.py) and a small JSON "progress" item with the data
 position. With `frozen_once` the state's frozen part (the base model, which never changes during a run:
 about 11 GB at T5-XL) is saved once per run, in RUN_DIR/frozen/ beside checkpoints/, and each step's
 checkpoint holds the rest; its layout says so ("frozen_apart"). `RunCheckpointer.restore` and `restore_params` give the named tree back; checkpoints written
@@ -13,7 +13,6 @@ mid-save leaves the previous checkpoints intact.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 from typing import Any
@@ -25,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax.core import meta
 
-from mhr_jax import checkpoint_packing as packing
+from mhr_jax.checkpoints import packing
 from mhr_jax.logging_utils import log
 
 

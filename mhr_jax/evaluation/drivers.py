@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mhr_jax import decoding, metrics, partitioning
-from mhr_jax import train_step as ts
+from mhr_jax.evaluation import decoding, metrics
+from mhr_jax import partitioning
+from mhr_jax.training import train_step as ts
 from mhr_jax.adapters.layers import check_task_ids
 
 

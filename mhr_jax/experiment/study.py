@@ -1,9 +1,9 @@
 r"""The study: the paper's findings tested with enough pre-training seeds, adaptation seeds and held-out tasks
 to tell, with the hypotheses and their statistics fixed before anything runs.
 
-  python -m mhr_jax.study --gin_file=configs/studies/embedded.gin --gin.MODEL_DIR="'runs/study'" [--dry_run]
+  python -m mhr_jax.experiment.study --gin_file=configs/studies/embedded.gin --gin.MODEL_DIR="'runs/study'" [--dry_run]
 
-A study is a set of cells, each an ordinary experiment run directory (mhr_jax/experiment.py) below MODEL_DIR:
+A study is a set of cells, each an ordinary experiment run directory (mhr_jax/experiment/runner.py) below MODEL_DIR:
   MODEL_DIR/base/              the base, trained once (an experiment with only its base stage and the base's
                                zero-shot evaluation); every other cell starts from it (Experiment.base_run)
   MODEL_DIR/seed<s>/           the experiment with pre-training seed s (`pretrain/` and `mu/RunConfig.seed`),
@@ -16,7 +16,7 @@ compilation cache, so each program compiles once.
 
 Before the first cell runs, MODEL_DIR/study_plan.json records the cells and the hypotheses with their tests
 (Study.hypotheses). After the last, `report(MODEL_DIR)` (NumPy and matplotlib only; `python -m
-mhr_jax.study --report_only` reruns it) writes results.json (`hypotheses`: per hypothesis the paired
+mhr_jax.experiment.study --report_only` reruns it) writes results.json (`hypotheses`: per hypothesis the paired
 differences, their mean, a 95% crossed bootstrap interval over held-out tasks, pre-training seeds and
 adaptation seeds, and a verdict), results.md, forest.png (the intervals and every paired difference),
 sweep.png (the metric against the swept setting) and alignment.png (gradient alignment by method).
@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 import gin
 import numpy as np
 
-from mhr_jax import statistics, study_plots
+from mhr_jax.experiment import statistics, study_plots
 from mhr_jax.errors import ConfigError, RunError
 from mhr_jax.storage import read_json, write_json_atomic, write_text_atomic
 
@@ -67,7 +67,7 @@ class Study:
       dev score (see the module docstring).
     hypotheses: dicts with "id", "claim", "a", "b" (quantities), "test" ("superiority": a > b + margin;
       "non-inferiority": a > b - margin) and optionally "margin" (default 0, in the metric's units).
-    n_resamples, confidence, bootstrap_seed: the crossed bootstrap (mhr_jax/statistics.py).
+    n_resamples, confidence, bootstrap_seed: the crossed bootstrap (mhr_jax/experiment/statistics.py).
     device_tflops: for the dry run's estimate of device-hours: sustained TFLOP/s of one accelerator.
   """
   model_dir: str = ""
@@ -173,7 +173,7 @@ def cells(study: Study) -> list[Cell]:
 
 def load_study(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> Study:
   from mhr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from mhr_jax import experiment_plan  # pylint: disable=g-import-not-at-top,unused-import  (registers Experiment)
+  from mhr_jax.experiment import plan  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (registers Experiment)
   config_lib.parse_gin(gin_files, bindings, search_paths)
   try:
     return Study()
@@ -185,7 +185,7 @@ def run_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pat
               dry_run: bool = False) -> int:
   """Plans the study, checks every cell's experiment (every stage's config) before anything is written, then
   runs the cells that are not done and writes the report; returns 0, or a stopped cell's exit status."""
-  from mhr_jax import experiment, experiment_plan  # pylint: disable=g-import-not-at-top  (JAX)
+  from mhr_jax.experiment import plan as experiment_plan, runner as experiment  # pylint: disable=g-import-not-at-top  (JAX)
   from mhr_jax.logging_utils import banner, log  # pylint: disable=g-import-not-at-top
   banner("study")
   study = load_study(gin_files, bindings, search_paths)
@@ -406,7 +406,7 @@ def report(model_dir: str) -> dict[str, str]:
   """results.json, results.md and the figures of a finished study, from its files alone; returns the paths."""
   plan = read_json(os.path.join(model_dir, PLAN_FILE))
   if plan is None:
-    raise RunError(f"{model_dir}: no {PLAN_FILE} (run python -m mhr_jax.study first)")
+    raise RunError(f"{model_dir}: no {PLAN_FILE} (run python -m mhr_jax.experiment.study first)")
   tuned = tuned_stages(plan)
   rows = hypothesis_rows(plan, tuned)
   main = [c for c in plan["cells"] if c["role"] == "main"]
@@ -480,7 +480,7 @@ def markdown(results: Mapping, files: Mapping[str, str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   from mhr_jax import cli  # pylint: disable=g-import-not-at-top
-  parser = cli.flag_parser("python -m mhr_jax.study", __doc__.split("\n")[0])
+  parser = cli.flag_parser("python -m mhr_jax.experiment.study", __doc__.split("\n")[0])
   parser.add_argument("--dry_run", action="store_true",
                       help="print every cell, its stages and an estimate of device-hours; run nothing")
   parser.add_argument("--report_only", action="store_true",

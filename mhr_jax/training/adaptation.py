@@ -32,8 +32,9 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mhr_jax import losses, models, optim, partitioning
-from mhr_jax import train_step as ts
+from mhr_jax.training import losses, optim
+from mhr_jax import models, partitioning
+from mhr_jax.training import train_step as ts
 from mhr_jax.adapters import methods
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.adapters import transforms
