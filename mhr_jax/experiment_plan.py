@@ -6,6 +6,7 @@ could have made (T5X chains pretrain.gin -> finetune.gin the same way, by paths)
   MODEL_DIR/base/                 multi-task full fine-tuning of the base on the training tasks (only
                                   without Experiment.base_checkpoint, a Hugging Face base)
   MODEL_DIR/pretrain/<kind>/      multi-task pre-training of each adapter kind in Experiment.pretrain
+                                  ("full": multi-task full fine-tuning of the base, where `full` adapts from)
   MODEL_DIR/pretrain/<kind>-mu/   zero-shot MHR-mu: the skills averaged, trained Experiment.mu_steps more
   MODEL_DIR/adapt/<method>/       few-shot adaptation of every (held-out task, seed) pair, per method
   MODEL_DIR/control/<method>/     the same from the base with a fresh adapter (no multi-task pre-training)
@@ -14,7 +15,8 @@ could have made (T5X chains pretrain.gin -> finetune.gin the same way, by paths)
 
 Each stage reads the experiment's gin files under its gin scope, so `pretrain/OptimizerConfig.adapter_lr`
 applies to the pre-training stages only; the stage's own settings (mode, adapter kind, where it starts)
-are bound over them. Scopes: base, pretrain, mu, adapt (adapt, control and zeroshot stages).
+are bound over them. Scopes: base, pretrain/<kind> (a pre-training stage of one kind; `pretrain/` bindings
+apply to every kind, `pretrain/ia3/` ones to (IA)^3 only), mu, adapt (adapt, control and zeroshot stages).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import gin
 from mhr_jax.adapters import params as params_lib
 from mhr_jax.config import ConfigError, check_local_paths
 
-PRETRAIN_KINDS = ("poly", "mhr", "lora", "private_lora", "ia3")
+PRETRAIN_KINDS = ("poly", "mhr", "lora", "private_lora", "ia3", "full")
 NO_TASK_ID_KINDS = ("lora", "ia3")  # pre-trained kinds a held-out task can use as they are
 
 
@@ -40,9 +42,10 @@ class Experiment:
     model_dir: the experiment directory (MODEL_DIR); every stage is a run directory below it.
     base_checkpoint: a Hugging Face T5 directory as the base; None trains one first (stage "base":
       multi-task full fine-tuning on the training tasks, settings under the gin scope "base").
-    pretrain: adapter kinds pre-trained multi-task from the base (PRETRAIN_KINDS).
+    pretrain: adapter kinds pre-trained multi-task from the base (PRETRAIN_KINDS); "full" is multi-task
+      full fine-tuning of the base (every weight, no adapter), the authors' starting point for `full`.
     adapt: few-shot methods (adapters.params.METHODS); each starts from the pre-training run of its
-      method's kind (mhr, mhr-z, mhr-mu from "mhr"; full from the base).
+      method's kind (mhr, mhr-z, mhr-mu from "mhr"; full from "full" when pre-trained, else the base).
     controls: methods adapted from the base with a fresh adapter, as the no-pre-training control.
     zero_shot: held-out evaluation with no task data: "base", a pre-trained kind that needs no task
       id ("lora", "ia3"), or "<kind>-mu" for zero-shot MHR-mu / Poly-mu (the averaged skills, trained
@@ -149,8 +152,9 @@ def plan(exp: Experiment) -> list[Stage]:
     adapt_from_base = (("RunConfig.init_checkpoint", exp.base_checkpoint),)
 
   for kind in exp.pretrain:
-    stages.append(Stage(f"pretrain/{kind}", "train", "pretrain",
-                        run_binds + base_start + _adapter(kind) + (("RunConfig.mode", "pretrain"),), after=base_after))
+    stages.append(Stage(f"pretrain/{kind}", "train", f"pretrain/{kind}",
+                        run_binds + base_start + _adapter("none" if kind == "full" else kind)
+                        + (("RunConfig.mode", "pretrain"),), after=base_after))
   for name in exp.zero_shot:
     if name.endswith("-mu"):
       source = f"pretrain/{name[:-3]}"
@@ -178,7 +182,9 @@ def plan(exp: Experiment) -> list[Stage]:
                                 (source,), f"{name} (zero-shot)", "zero-shot", zero))
   for method in exp.adapt:
     kind = params_lib.METHOD_TABLE[method].kind
-    if kind == "none":
+    if kind == "none" and "full" in exp.pretrain:
+      start, after = (("RunConfig.pretrain_dir", where("pretrain/full")),), ("pretrain/full",)
+    elif kind == "none":
       start, after = adapt_from_base, base_after
     else:
       start, after = (("RunConfig.pretrain_dir", where(f"pretrain/{kind}")),), (f"pretrain/{kind}",)

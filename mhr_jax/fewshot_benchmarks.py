@@ -3,7 +3,8 @@ evaluation and the result tables (METHODS.md "Protocols").
 
 - SuperNI-format sources ("superni", "synthetic"): a pair is (task, seed). It trains on the task's
   train_k<shots>_seed<seed> split with the LM loss and is evaluated on the task's test split (the first 100
-  instances) by greedy decoding: exact match and ROUGE-L, the official SuperNI metrics.
+  instances) by decoding (greedy, or beam search with AdaptConfig.num_beams): exact match and ROUGE-L, the
+  official SuperNI metrics.
 - T0 ("t0"): a pair is (held-out dataset, seed). It trains on the T-Few few-shot sample rendered with every
   original-task template (answer-choice batches, T-Few loss) and is evaluated by rank classification on
   each template's evaluation split: accuracy per template, median and mean over templates.
@@ -84,12 +85,13 @@ class SuperNIPairs:
   def _generate(self, model, params, examples, mesh) -> tuple[dict, list[str]]:
     d = self._cfg.data
     batches = data.generation_batches(examples, self._vocabulary, _eval_batch_size(self._cfg), d.input_len)
-    tokens = evaluation.generate(model, params, batches, d.target_len, mesh=mesh, task_id=TASK_ID)
+    tokens = evaluation.generate(model, params, batches, d.target_len, mesh=mesh, task_id=TASK_ID,
+                                 num_beams=self._cfg.adapt.num_beams)
     predictions = evaluation.decode_texts(self._vocabulary, tokens)
     return metrics.superni_metrics(predictions, [ex["references"] for ex in examples]), predictions
 
   def evaluate(self, model, params, pair: int, mesh) -> dict:
-    """Greedy decoding of the pair's test split -> {"exact_match", "rougeL", "predictions": [str]}
+    """Decoding of the pair's test split -> {"exact_match", "rougeL", "predictions": [str]}
     (predictions in the split's order, for the pair's result file)."""
     examples = data.eval_examples(self._registration.tasks[self.pairs[pair][0]], "test")
     scores, predictions = self._generate(model, params, examples, mesh)
@@ -97,7 +99,7 @@ class SuperNIPairs:
 
   def dev_scorer(self, mesh, indices: Sequence[int]):
     """adaptation.adapt's `select` for pairs `indices`: each pair's ROUGE-L on its dev_k<shots>_seed<seed>
-    split by greedy decoding (the authors keep the checkpoint with the best dev ROUGE-L)."""
+    split, decoded as the test split (the authors keep the checkpoint with the best dev ROUGE-L)."""
     from mhr_jax.adapters import params as param_groups  # pylint: disable=g-import-not-at-top
     shots = self._cfg.adapt.shots
     dev = [data.eval_examples(self._registration.tasks[t], f"dev_k{shots}_seed{seed}")
