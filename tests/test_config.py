@@ -177,7 +177,8 @@ def test_experiment_stages_use_the_standalone_paper_settings(benchmark, tmp_path
                  f"configs/adapt/{benchmark}.gin"], bindings)
   _, staged = stages["adapt/mhr"]
   assert _effective(staged.optimizer) == _effective(adapt.optimizer) and staged.loss == adapt.loss
-  assert dataclasses.replace(staged.adapt, eval_batch_size=None) == dataclasses.replace(adapt.adapt, eval_batch_size=None)
+  unbatched = lambda a: dataclasses.replace(a, eval_batch_size=None)  # noqa: E731
+  assert unbatched(staged.adapt) == unbatched(adapt.adapt)
   full, _ = stages["adapt/full"]
   assert full.after == ("pretrain/full",)
   assert dict(full.bindings)["RunConfig.pretrain_dir"] == str(tmp_path / "pretrain" / "full")
