@@ -42,7 +42,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("pretrain", "adapt")
 SOURCES = ("synthetic", "superni", "t0")
 HOST_INPUTS = ("global", "sharded")
-PROMPTS = ("tk_instruct", "definition", "input_only")
+PROMPTS = ("tk_instruct", "definition", "input_only", "authors")
 T0_CAPS = ("authors", "t0")
 SELECT_METRICS = ("rougeL", "loss")
 INIT_TRANSFORMS = ("mu",)
@@ -99,14 +99,16 @@ class DataConfig:
       synthetic suite (tasks/synthetic.py).
     max_train_instances: SuperNI instances per training task (METHODS.md: <= 100).
     prompt, num_pos_examples: SuperNI-format input ("tk_instruct": the task definition and
-      num_pos_examples positive examples before the instance; "definition": the definition, then the
-      instance, without Tk-Instruct's boilerplate; "input_only": the instance input alone, so the task
-      id is the only task signal). None: the source's default, "tk_instruct" for superni,
-      "input_only" for the synthetic suite.
+      num_pos_examples positive examples before the instance; "authors": the MHR authors' string,
+      "Task definition: ...", then the instance, no examples (tasks/superni.py); "definition": the
+      definition, then the instance, without Tk-Instruct's boilerplate; "input_only": the instance
+      input alone, so the task id is the only task signal). None: the source's default,
+      "tk_instruct" for superni, "input_only" for the synthetic suite.
     test_task_list: SuperNI-format sources: a task-list file (one task per line) naming the held-out
       tasks that adaptation uses, instead of splits/default/test_tasks.txt; relative paths are also
-      looked up in the repository (tasks/superni_test_tasks_20.txt is the authors' common 20-task
-      subset).
+      looked up in the repository (tasks/superni_val_tasks_20.txt: 20 of the 119 test tasks, the list
+      the authors' pre-training scores zero-shot for early stopping, NIOnlineZeroShot.VAL_TASKS; a
+      quicker partial evaluation, not the paper's test set).
     catalog: the T0 dataset/template list (source "t0"); None: tasks/t0_datasets.json.
     t0_cap: T0 training-mixture cap (METHODS.md): "authors" (their code: every (dataset, template)
       task keeps at most 500k // (number of templates) examples) or "t0" (the original T0 rule: a
@@ -138,6 +140,8 @@ class DataConfig:
     _check([
         (self.prompt is None or self.prompt in PROMPTS,
          f"DataConfig.prompt={self.prompt!r}: expected one of {PROMPTS} or None"),
+        (self.prompt != "authors" or not self.num_pos_examples,
+         f"DataConfig.num_pos_examples={self.num_pos_examples}: prompt 'authors' shows no positive examples"),
         (self.t0_cap in T0_CAPS, f"DataConfig.t0_cap={self.t0_cap!r}: expected one of {T0_CAPS}"),
         (self.test_task_list is None or self.source != "t0",
          "DataConfig.test_task_list is for SuperNI-format sources; T0 held-out datasets come from "
@@ -255,8 +259,9 @@ class AdaptConfig:
 
   Every pair trains its own copy of the adapter state for RunConfig.train_steps steps on its k-shot
   split (DataConfig.batch_size examples per step) as one vmapped program (mhr_jax/training/adaptation.py), then
-  is evaluated on the task's test data: SuperNI-format sources by greedy decoding (ROUGE-L and exact
-  match), T0 by rank classification of every original-task template (accuracy; median over templates).
+  is evaluated on the task's test data: SuperNI-format sources by decoding (greedy or beam search;
+  ROUGE-L and exact match), T0 by rank classification of every original-task template (accuracy;
+  median over templates).
 
   Attributes:
     method: one of adapters.methods.METHODS, whose record says what trains and where a pair starts
@@ -276,8 +281,10 @@ class AdaptConfig:
     select_every: best-on-dev: every this many steps (and at the end) score each pair on its
       dev_k<shots>_seed<seed> split and keep the parameters with the best score; 0 (the default)
       keeps the last step's. SuperNI-format sources only (T-Few's T0 protocol has no dev split).
-    select_metric: the dev score: "rougeL" (greedy decoding of the dev split, the authors' model
-      selection) or "loss" (teacher-forced dev loss, lower is better; cheaper).
+    select_metric: the dev score: "rougeL" (decoding of the dev split, the authors' model selection)
+      or "loss" (teacher-forced dev loss, lower is better; cheaper).
+    num_beams: SuperNI-format sources: beams of the decoding that scores the test and dev splits (1:
+      greedy; the authors: 4, Hugging Face `generate` with early_stopping=False, length penalty 1).
   """
   method: str = "mhr"
   tasks: tuple = ()
@@ -287,6 +294,7 @@ class AdaptConfig:
   eval_batch_size: int | None = None
   select_every: int = 0
   select_metric: str = "rougeL"
+  num_beams: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -301,6 +309,7 @@ class AdaptConfig:
         (self.eval_batch_size is None or self.eval_batch_size >= 1,
          f"AdaptConfig.eval_batch_size={self.eval_batch_size}: must be >= 1"),
         (self.select_every >= 0, f"AdaptConfig.select_every={self.select_every}: must be >= 0"),
+        (self.num_beams >= 1, f"AdaptConfig.num_beams={self.num_beams}: must be >= 1"),
     ])
 
 

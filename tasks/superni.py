@@ -20,8 +20,13 @@ Inputs follow Tk-Instruct's template (its ni_collator), including its quirks:
   "\\n\\n" (note the leading spaces);
   "Now complete the following example -\\n" "Input: <instance input>" [+ "."] "\\n" "Output: ".
 With a token budget, positive examples are added only while the whole input (plus EOS) fits, as Tk-Instruct
-does. Training targets are the first reference output, stripped; every reference is kept for evaluation
-(feature "references").
+does. The MHR authors' runs use another string (prompt "authors", their DataCollatorForNI with
+use_task_descriptions and no examples):
+  "Task definition: <definition[0] stripped>" [+ "."] "\\n"
+  "Now complete the following example -\\n" "Input: <instance input>" [+ "."] "\\n" "Output:";
+an input over the token budget keeps its first (budget - len("\\nOutput:")) tokens, decoded, and then
+"\\nOutput:", as their collator does. Training targets are the first reference output, stripped; every
+reference is kept for evaluation (feature "references").
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ import seqio
 from tasks import examples_dataset, replace_mixture, replace_task, seqio_name
 
 TEST_INSTANCES = 100
-PROMPTS = ("tk_instruct", "definition", "input_only")
+PROMPTS = ("tk_instruct", "definition", "input_only", "authors")
+AUTHORS_OUTPUT_CUE = "\nOutput:"
 DEFAULT_FEWSHOT_KS = (16, 32, 64, 100, 1000)
 DEFAULT_FEWSHOT_SEEDS = (13, 42, 58)
 _FEWSHOT_SPLIT = re.compile(r"^(train|dev)_k(\d+)_seed(\d+)$")
@@ -199,17 +205,34 @@ def format_input(task: Mapping, instance_input: str, num_pos_examples: int = 0, 
   return head + examples + tail
 
 
+def format_authors_input(task: Mapping, instance_input: str, truncate=None) -> str:
+  """The MHR authors' input for one instance (see the module docstring).
+
+  Args:
+    task: a task JSON (load_task).  instance_input: the instance's "input".
+    truncate: optional fn(text) -> text that shortens an over-long input to its kept prefix (their
+      collator's rule); None keeps it whole.
+  """
+  definition = task["Definition"]
+  definition = definition[0] if isinstance(definition, list) else definition
+  text = (_with_period("Task definition: " + definition.strip()) + "\n"
+          + "Now complete the following example -\n" + _with_period("Input: " + instance_input.strip())
+          + AUTHORS_OUTPUT_CUE)
+  return text if truncate is None else truncate(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class InputFormat:
   """How instance inputs are rendered.
 
   Attributes:
     prompt: "tk_instruct" (definition, positive examples, instance; see the module docstring),
-      "definition" (the definition, a space and the instance input: Tk-Instruct's content without its
-      boilerplate, for short inputs) or "input_only" (the instance input verbatim: the task id is the
-      only task signal).
+      "authors" (the MHR authors' string: definition and instance, no examples), "definition" (the
+      definition, a space and the instance input: Tk-Instruct's content without its boilerplate, for
+      short inputs) or "input_only" (the instance input verbatim: the task id is the only task signal).
     num_pos_examples: positive examples shown after the definition (Tk-Instruct uses 0 or 2).
-    max_input_tokens: token budget for adding positive examples (input plus EOS); None: no budget.
+    max_input_tokens: token budget (input plus EOS) for adding positive examples, and for the
+      "authors" prompt's truncation; None: no budget.
   """
   prompt: str = "tk_instruct"
   num_pos_examples: int = 0
@@ -220,6 +243,9 @@ class InputFormat:
       raise ValueError(f"InputFormat.prompt={self.prompt!r}: expected one of {PROMPTS}")
     if self.num_pos_examples < 0:
       raise ValueError(f"InputFormat.num_pos_examples={self.num_pos_examples}: must be >= 0")
+    if self.prompt == "authors" and self.num_pos_examples:
+      raise ValueError(f"InputFormat.num_pos_examples={self.num_pos_examples}: prompt 'authors' shows no "
+                       "positive examples (the authors' SuperNI runs use num_pos_examples 0)")
 
 
 # ---------------------------------------------------------------- split examples
@@ -257,15 +283,24 @@ def _split_examples_cached(spec: _TaskSpec, split: str, vocabulary_id: int, mtim
   del vocabulary_id, mtime_ns  # cache key only (the spec keeps its vocabulary alive, so the id is stable)
   task = load_task(spec.clone_dir, spec.task_name)
   by_id = {inst["id"]: inst for inst in task["Instances"]}
-  fits = None
+  fits = truncate = None
   if spec.input_format.max_input_tokens is not None:
-    budget = spec.input_format.max_input_tokens
-    fits = lambda text: len(spec.vocabulary.encode(text)) + 1 <= budget  # +1: EOS
+    budget, vocab = spec.input_format.max_input_tokens, spec.vocabulary
+    fits = lambda text: len(vocab.encode(text)) + 1 <= budget  # +1: EOS
+
+    def truncate(text):
+      if fits(text):
+        return text
+      # The authors' collator: the first budget - len(cue) tokens, decoded, then the cue again (the
+      # pipeline's truncation to the budget then keeps EOS, as their tokenizer call does).
+      return vocab.decode(vocab.encode(text)[:budget - len(vocab.encode(AUTHORS_OUTPUT_CUE))]) + AUTHORS_OUTPUT_CUE
   examples = []
   for instance_id in _split_ids(spec, split):
     inst = by_id[instance_id]
     if spec.input_format.prompt == "input_only":
       inputs = inst["input"]
+    elif spec.input_format.prompt == "authors":
+      inputs = format_authors_input(task, inst["input"], truncate)
     elif spec.input_format.prompt == "definition":
       definition = task["Definition"]
       inputs = f"{(definition[0] if isinstance(definition, list) else definition).strip()} {inst['input']}"

@@ -1,4 +1,5 @@
 """Gin configuration: every shipped config parses, eager one-line validation, run-directory compatibility."""
+import dataclasses
 import glob
 import os
 
@@ -6,6 +7,7 @@ import gin
 import pytest
 
 from mhr_jax import config as config_lib
+from mhr_jax import optim
 
 REPO = config_lib.REPO_ROOT
 
@@ -41,30 +43,35 @@ def _configs(*patterns):
                 for p in glob.glob(os.path.join(REPO, "configs", pattern)))
 
 
+def _paper_bindings(tmp_path):
+  """Required user paths (macros the configs leave at %gin.REQUIRED) point at an empty directory, with a
+  Hugging Face base's config.json (T5-XL LM-adapted sizes) where a config reads one."""
+  import transformers
+  transformers.T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=False).to_json_file(
+                            str(tmp_path / "config.json"))
+  return [f"{macro} = '{tmp_path}'"
+          for macro in ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT", "PRETRAIN_DIR", "SUPERNI_DIR")]
+
+
+def _stage_configs(path, tmp_path):
+  """{stage name: (stage, its checked config)} of the experiment config `path` (analysis stages left out)."""
+  from mhr_jax.experiment import plan, runner  # pylint: disable=g-import-not-at-top
+  exp, configs = runner.plan_stages([path], _paper_bindings(tmp_path))
+  return {stage.name: (stage, configs[stage.name][0]) for stage in plan.plan(exp) if stage.kind != "analysis"}
+
+
 @pytest.mark.parametrize("path", _configs("tiny.gin", "experiments/*.gin", "adapt/tiny.gin"))
 def test_every_config_parses(path, tmp_path):
   """Each complete config parses and builds valid dataclasses (data paths stubbed)."""
-  # Required user paths (macros the configs leave at %gin.REQUIRED) point at an empty directory.
-  bindings = [f"{macro} = '{tmp_path}'"
-              for macro in ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT", "PRETRAIN_DIR", "SUPERNI_DIR")]
+  bindings = _paper_bindings(tmp_path)
   with open(os.path.join(REPO, path)) as f:
     text = f.read()
   if "Experiment." in text:  # an experiment: every stage's config builds
-    import argparse
-    import transformers
-    from mhr_jax.experiment import plan as experiment_plan, runner as experiment
-    # A Hugging Face base's config.json (T5-XL LM-adapted sizes) where the config reads one.
-    transformers.T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
-                          feed_forward_proj="gated-gelu", tie_word_embeddings=False).to_json_file(
-                              str(tmp_path / "config.json"))
-    args = argparse.Namespace(gin_file=[path], gin_bindings=bindings, gin_search_paths=[])
-    exp = experiment.load_experiment(args.gin_file, args.gin_bindings, args.gin_search_paths)
-    stages = experiment_plan.plan(exp)
-    for stage in stages:
-      if stage.kind != "analysis":
-        cfg, _ = experiment_plan.stage_config(exp, stage)
-        assert cfg.run.model_dir == stage.directory
-    assert {s.kind for s in stages} >= {"train", "adapt"}
+    configs = _stage_configs(path, tmp_path)
+    for stage, cfg in configs.values():
+      assert cfg.run.model_dir == stage.directory
+    assert {s.kind for s, _ in configs.values()} >= {"train", "adapt"}
   else:
     cfg = _load([path], bindings + ["TRAIN_STEPS = 10"])
     assert cfg.run.train_steps == 10
@@ -88,31 +95,90 @@ def test_paper_settings(tmp_path):
   bindings = [f"{m} = '{tmp_path}'" for m in ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT")]
   t0 = _load(["configs/experiments/t0_mhr.gin"], bindings)
   assert (t0.model.adapter.kind, t0.model.adapter.rank, t0.model.adapter.n_skills) == ("mhr", 1, 8)
+  assert t0.model.adapter.n_splits == 64  # the authors' scripts/pretrain/pretrain_mhr.sh
   assert t0.model.adapter.n_tasks == 313 and not t0.model.adapter.gumbel
   assert t0.model.adapter.targets("decoder/block_3/mlp/wi_1")
   assert (t0.data.input_len, t0.data.target_len, t0.run.train_steps) == (256, 256, 100000)
+  assert t0.data.batch_size == 16  # xl-lm-adapt.json: 8 x 2 accumulation steps
   assert (t0.optimizer.adapter_lr, t0.optimizer.routing_lr, t0.optimizer.clip_norm) == (1e-3, 0.1, 1.0)
   assert t0.optimizer.name == "adafactor" and t0.optimizer.warmup_fraction == 0.06
   assert t0.optimizer.adafactor_factoring == "last_two" and not t0.optimizer.adafactor_scale_parameter
   assert t0.data.t0_cap == "authors"
+  # The baselines keep Hugging Face's parameter scaling; (IA)^3 and full fine-tuning train at 3e-4.
+  t0_lora, t0_ia3, t0_full = (_load([f"configs/experiments/t0_{m}.gin"], bindings) for m in ("lora", "ia3", "full"))
+  assert (t0_lora.optimizer.adafactor_scale_parameter, t0_lora.optimizer.adapter_lr) == (True, 1e-3)
+  assert (t0_ia3.optimizer.adafactor_scale_parameter, t0_ia3.optimizer.adapter_lr) == (True, 3e-4)
+  assert (t0_full.model.adapter.kind, t0_full.optimizer.base_lr, t0_full.optimizer.adafactor_scale_parameter) == (
+      "none", 3e-4, True)
   sni = _load(["configs/experiments/superni_mhr.gin"], bindings)
   assert (sni.model.adapter.rank, sni.model.adapter.n_tasks, sni.model.adapter.gumbel) == (16, 756, True)
   assert sni.model.adapter.targets("encoder/block_0/self_attention/k")
   assert not sni.model.adapter.targets("encoder/block_0/mlp/wo")
   assert (sni.data.input_len, sni.data.target_len, sni.loss.label_smoothing) == (1024, 128, 0.1)
-  assert sni.data.max_train_instances == 100
-  # The authors' configs/ni/pretrain.json: AdamW, weight decay 0.01, clip 0.1, 6% warmup, 100k steps, batch 8.
+  assert sni.data.max_train_instances == 100 and sni.data.input_prompt == "authors"
+  # The authors' configs/ni/pretrain.json: AdamW, weight decay 0.01, clip 0.1, 1,500 warmup steps, 25k steps, batch 8.
   assert (sni.optimizer.name, sni.optimizer.weight_decay, sni.optimizer.clip_norm) == ("adamw", 0.01, 0.1)
-  assert (sni.optimizer.warmup_fraction, sni.run.train_steps, sni.data.batch_size) == (0.06, 100000, 8)
-  # Adaptation keeps routing at 0.1 over the general rate: T0 (Adafactor 3e-3) and SuperNI (AdamW 1e-3).
+  assert (sni.optimizer.warmup_steps, sni.run.train_steps, sni.data.batch_size) == (1500, 25000, 8)
+  assert optim.warmup_steps(sni.optimizer, sni.run.train_steps) == 1500
+  sni_full = _load(["configs/experiments/superni_full.gin"], bindings)
+  assert (sni_full.model.adapter.kind, sni_full.optimizer.base_lr) == ("none", 5e-5)
+  # Adaptation keeps routing at 0.1 over the general rate: T0 (Adafactor 3e-3, parameter scaling on) and
+  # SuperNI (AdamW 1e-3, label smoothing, 32 shots, dev every 40 steps, beam search with 4 beams).
   adapt = bindings + [f"PRETRAIN_DIR = '{tmp_path}'"]
   t0a = _load(["configs/experiments/t0_mhr.gin", "configs/adapt/mhr_z.gin", "configs/adapt/t0.gin"], adapt)
   assert (t0a.optimizer.name, t0a.optimizer.adapter_lr, t0a.optimizer.routing_lr) == ("adafactor", 3e-3, 0.1)
   assert (t0a.run.train_steps, t0a.data.batch_size, t0a.optimizer.clip_norm) == (1000, 8, 1.0)
+  assert t0a.optimizer.adafactor_scale_parameter and t0a.optimizer.adafactor_factoring == "last_two"
   snia = _load(["configs/experiments/superni_mhr.gin", "configs/adapt/mhr.gin", "configs/adapt/superni.gin"], adapt)
   assert (snia.optimizer.name, snia.optimizer.adapter_lr, snia.optimizer.routing_lr) == ("adamw", 1e-3, 0.1)
   assert (snia.optimizer.weight_decay, snia.optimizer.clip_norm) == (0.01, 0.1)
-  assert (snia.adapt.select_metric, snia.adapt.seeds, snia.loss.label_smoothing) == ("rougeL", (13, 42, 58), 0.0)
+  assert optim.warmup_steps(snia.optimizer, snia.run.train_steps) == 60
+  assert (snia.adapt.select_metric, snia.adapt.seeds, snia.loss.label_smoothing) == ("rougeL", (13, 42, 58), 0.1)
+  assert (snia.adapt.shots, snia.adapt.select_every, snia.adapt.num_beams) == (32, 40, 4)
+
+
+def _effective(opt_cfg):
+  """The OptimizerConfig with the settings of the other optimizer (Adafactor's under AdamW) at defaults."""
+  names = [f.name for f in dataclasses.fields(opt_cfg)]
+  unused = ([n for n in names if n.startswith("adafactor_")] if opt_cfg.name == "adamw" else ["b1", "b2", "eps"])
+  defaults = optim.OptimizerConfig()
+  return dataclasses.replace(opt_cfg, **{n: getattr(defaults, n) for n in unused})
+
+
+def _used_adapter_settings(acfg) -> dict:
+  """The AdapterConfig fields its kind uses (a shared LoRA has no heads or routing)."""
+  names = ["kind", "target_modules", "rank", "alpha", "init_a"]
+  if acfg.routed:
+    names += ["n_tasks", "n_skills", "n_splits", "routing", "gumbel", "temperature", "anneal_steps"]
+  return {name: getattr(acfg, name) for name in names}
+
+
+@pytest.mark.parametrize("benchmark", ["t0", "superni"])
+def test_experiment_stages_use_the_standalone_paper_settings(benchmark, tmp_path):
+  """Each pre-training stage of the paper experiment (gin scope pretrain/<kind>) trains as the standalone
+  configs/experiments/<benchmark>_<kind>.gin; adaptation as configs/adapt/<benchmark>.gin; few-shot full
+  fine-tuning starts from the multi-task full fine-tune."""
+  stages = _stage_configs(f"configs/experiments/{benchmark}.gin", tmp_path)
+  gin.clear_config()
+  bindings = _paper_bindings(tmp_path)
+  kinds = [name.split("/")[1] for name, (s, _) in stages.items() if s.kind == "train" and s.scope != "mu"]
+  assert "full" in kinds
+  for kind in kinds:
+    _, staged = stages[f"pretrain/{kind}"]
+    alone = _load([f"configs/experiments/{benchmark}_{kind}.gin"], bindings)
+    assert _effective(staged.optimizer) == _effective(alone.optimizer), kind
+    assert _used_adapter_settings(staged.model.adapter) == _used_adapter_settings(alone.model.adapter), kind
+    assert (staged.run.train_steps, staged.data.batch_size, staged.loss) == (
+        alone.run.train_steps, alone.data.batch_size, alone.loss), kind
+  adapt = _load([f"configs/experiments/{benchmark}_mhr.gin", "configs/adapt/mhr.gin",
+                 f"configs/adapt/{benchmark}.gin"], bindings)
+  _, staged = stages["adapt/mhr"]
+  assert _effective(staged.optimizer) == _effective(adapt.optimizer) and staged.loss == adapt.loss
+  unbatched = lambda a: dataclasses.replace(a, eval_batch_size=None)  # noqa: E731
+  assert unbatched(staged.adapt) == unbatched(adapt.adapt)
+  full, _ = stages["adapt/full"]
+  assert full.after == ("pretrain/full",)
+  assert full.settings["run"]["pretrain_dir"] == str(tmp_path / "pretrain" / "full")
 
 
 def test_methods_select_their_adapter(tmp_path):

@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
+from flax import traverse_util
+
 from mhr_jax.training import optim
 from mhr_jax.adapters import params as param_groups
 
@@ -66,68 +68,170 @@ def test_adafactor_matches_hugging_face_t0_setting():
     assert not np.allclose(ours[k], params[k])
 
 
-# T5-XL leaves of MHR (S = 8, K = 8, r = 1, 313 tasks): q's A and B, wi_0's B, and a routing table.
-MHR_LEAVES = {("q", "lora_a"): (8, 8, 256, 1), ("q", "lora_b"): (8, 8, 1, 256),
-              ("wi_0", "lora_b"): (8, 8, 1, 640), ("q", "routing", "logits"): (313, 8, 8)}
+# Leaves as the model holds them -> the authors' PyTorch parameter of one layer (their SkilledLoRA lora_a
+# (S, K, d_in/S, r) and lora_b (S, K, r, d_out/S), PolytroponSelector.module_logits (T, S*K), LoRA
+# (d_in, r) / (r, d_out), IA3 (d_out,)). MHR with S = K = 8, r = 1 and the T0 mixture's 313 tasks;
+# "encoder/layers" is a scanned stack of L = 3 layers, the decoder block is unscanned.
+L, T, S, K = 3, 313, 8, 8
+AUTHORS_LEAVES = {
+    ("encoder", "layers", "self_attention", "q", "lora_a"): ((L, S, K, 32, 1), (S, K, 32, 1)),
+    ("encoder", "layers", "self_attention", "q", "lora_b"): ((L, S, K, 1, 32), (S, K, 1, 32)),
+    ("encoder", "layers", "self_attention", "q", "routing", "logits"): ((L, T, S, K), (T, S * K)),
+    ("encoder", "layers", "mlp", "wi_1", "ia3_scale"): ((L, 80), (80,)),
+    ("decoder", "block_0", "mlp", "wi_0", "lora_b"): ((S, K, 1, 80), (S, K, 1, 80)),
+    ("decoder", "block_0", "mlp", "wi_0", "routing", "logits"): ((T, S, K), (T, S * K)),
+    ("decoder", "block_0", "self_attention", "k", "lora_a"): ((256, 1), (256, 1)),
+}
+HF_STEPS, SPIKE_STEP = 5, 3
 
 
-def _t0_mhr_optimizer_config(tmp_path):
-  """The OptimizerConfig that configs/experiments/t0_mhr.gin loads (TRAIN_STEPS=10 for larger steps)."""
+def _paper_optimizer_config(tmp_path, stage):
+  """The (OptimizerConfig, TRAIN_STEPS = 10) of configs/experiments/t0_mhr.gin ("pretrain") or of its T0
+  adaptation with configs/adapt/{mhr,t0}.gin ("adapt")."""
   from mhr_jax import config as config_lib
-  config_lib.parse_gin(["configs/experiments/t0_mhr.gin"], [
-      f"MODEL_DIR = '{tmp_path}/run'", f"DATA_DIR = '{tmp_path}'", f"HF_CHECKPOINT = '{tmp_path}'",
-      "TRAIN_STEPS = 10"])
-  return config_lib.load_config()
+  files = ["configs/experiments/t0_mhr.gin"]
+  if stage == "adapt":
+    files += ["configs/adapt/mhr.gin", "configs/adapt/t0.gin"]
+  config_lib.parse_gin(files, [f"{m} = '{tmp_path}'" for m in ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT",
+                                                              "PRETRAIN_DIR")] + ["TRAIN_STEPS = 10"])
+  cfg = config_lib.load_config()
+  return cfg.optimizer, cfg.run.train_steps
 
 
-@pytest.mark.parametrize("scale_parameter", [False, True])
-def test_adafactor_as_the_authors_run_it_on_mhr_leaves(tmp_path, scale_parameter):
-  """t0_mhr.gin's optimizer against Hugging Face's Adafactor (the authors' optimizer) for 5 steps:
-  factoring the last two dims of every (S, K, d/S, r) leaf, two learning rates, clipping, warmup."""
-  import dataclasses
-  cfg = _t0_mhr_optimizer_config(tmp_path)
-  opt_cfg = dataclasses.replace(cfg.optimizer, adafactor_scale_parameter=scale_parameter)
-  assert (opt_cfg.name, opt_cfg.adafactor_factoring) == ("adafactor", "last_two")
-  assert cfg.optimizer.adafactor_scale_parameter is False  # the authors' setting
-  steps = 5
-  params = {"/".join(k): (_RNG.normal(size=s) * 0.05).astype(np.float32) for k, s in MHR_LEAVES.items()}
-  grads = [{k: _RNG.normal(size=v.shape).astype(np.float32) * 0.05 for k, v in params.items()} for _ in range(steps)]
-  labels = {k: "routing" if k.endswith("logits") else "adapters" for k in params}
-  ours, _ = _run_optax(optim.make_optimizer(opt_cfg, labels, cfg.run.train_steps), params, grads)
+def _authors_params_and_grads():
+  """Params and HF_STEPS gradients of AUTHORS_LEAVES (nested dicts). Stacked layers differ in scale
+  (per-layer parameter RMS) and layer 0 of every stack gets a gradient spike at SPIKE_STEP (per-layer
+  update clipping): an optimizer that mixes the layers of a stack gives other numbers."""
+  layer_scale = np.asarray([1.0, 4.0, 0.25], np.float32)
+  flat, grads = {}, [{} for _ in range(HF_STEPS)]
+  for path, (shape, _) in AUTHORS_LEAVES.items():
+    stacked = path[1] == "layers"
+    scale = layer_scale.reshape((L,) + (1,) * (len(shape) - 1)) if stacked else np.float32(1.0)
+    flat[path] = (_RNG.normal(size=shape) * 0.05 * scale).astype(np.float32)
+    for step in range(HF_STEPS):
+      g = _RNG.normal(size=shape).astype(np.float32) * 0.05
+      if stacked and step == SPIKE_STEP:
+        g[0] *= 100.0
+      grads[step][path] = g
+  unflat = traverse_util.unflatten_dict
+  return unflat(flat), [unflat(g) for g in grads]
 
-  schedules = {g: optim.lr_schedule(opt_cfg.peak_lr(g), opt_cfg, cfg.run.train_steps) for g in ("adapters", "routing")}
-  names = sorted(params)
-  tparams = {k: torch.nn.Parameter(torch.tensor(params[k])) for k in names}
-  groups = [{"params": [tparams[k] for k in names if labels[k] == g], "lr": 0.0, "name": g} for g in schedules]
+
+def _hf_adafactor_per_layer(params, grads, labels, opt_cfg, total_steps, scale_parameter):
+  """Hugging Face's Adafactor (the authors' optimizer) on the authors' parameters: every layer of a
+  stack a parameter of its own, in the authors' shape; global-norm clipping first (their
+  gradient_clip_val), a param group per learning rate. Returns the final params in our layout."""
+  schedules = {g: optim.lr_schedule(opt_cfg.peak_lr(g), opt_cfg, total_steps) for g in ("adapters", "routing")}
+  flat_params, flat_labels = traverse_util.flatten_dict(params), traverse_util.flatten_dict(labels)
+  tparams = {}  # (path, layer or None) -> torch parameter in the authors' shape
+  for path, value in flat_params.items():
+    authors_shape = AUTHORS_LEAVES[path][1]
+    for layer in (range(L) if path[1] == "layers" else [None]):
+      tparams[path, layer] = torch.nn.Parameter(torch.tensor(
+          (value if layer is None else value[layer]).reshape(authors_shape)))
+  groups = [{"params": [p for (path, _), p in tparams.items() if flat_labels[path] == g], "lr": 0.0, "name": g}
+            for g in schedules]
   opt = HFAdafactor(groups, lr=0.0, scale_parameter=scale_parameter, relative_step=False, warmup_init=False,
                     clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0)
   for step, g in enumerate(grads):
-    for k in names:
-      tparams[k].grad = torch.tensor(g[k])
+    flat_g = traverse_util.flatten_dict(g)
+    for (path, layer), p in tparams.items():
+      p.grad = torch.tensor((flat_g[path] if layer is None else flat_g[path][layer]).reshape(p.shape))
     torch.nn.utils.clip_grad_norm_(list(tparams.values()), opt_cfg.clip_norm)
     for group in opt.param_groups:
       group["lr"] = float(schedules[group["name"]](step))
     opt.step()
-  for k in names:
-    moved = tparams[k].detach().numpy() - params[k]
+  out = {}
+  for path, value in flat_params.items():
+    if path[1] == "layers":
+      out[path] = np.stack([tparams[path, i].detach().numpy().reshape(value.shape[1:]) for i in range(L)])
+    else:
+      out[path] = tparams[path, None].detach().numpy().reshape(value.shape)
+  return out
+
+
+@pytest.mark.parametrize("stage, scale_parameter", [("pretrain", False), ("adapt", True)])
+def test_adafactor_as_the_authors_run_it(tmp_path, stage, scale_parameter):
+  """The paper configs' Adafactor against Hugging Face's (the authors' optimizer) for 5 steps on the
+  authors' parameters: last-two-dims factoring of (S, K, d/S, r) blocks, routing factored as the 2-D
+  (T, S*K), a scanned stack trained as its layers one by one (moments, update clipping, parameter
+  scaling), two learning rates, global clipping, warmup. MHR pre-training runs without parameter
+  scaling ([authors] poly_lora.json); T0 adaptation with it (their finetune.json keeps HF's default)."""
+  opt_cfg, total_steps = _paper_optimizer_config(tmp_path, stage)
+  assert (opt_cfg.name, opt_cfg.adafactor_factoring) == ("adafactor", "last_two")
+  assert opt_cfg.adafactor_scale_parameter is scale_parameter
+  params, grads = _authors_params_and_grads()
+  labels = param_groups.param_labels(params, "mhr")
+  assert traverse_util.flatten_dict(labels)[("decoder", "block_0", "mlp", "wi_0", "routing", "logits")] == "routing"
+  ours, _ = _run_optax(optim.make_optimizer(opt_cfg, labels, total_steps), params, grads)
+  want = _hf_adafactor_per_layer(params, grads, labels, opt_cfg, total_steps, scale_parameter)
+  start = traverse_util.flatten_dict(params)
+  for path, value in traverse_util.flatten_dict(ours).items():
+    moved = want[path] - start[path]
     assert np.abs(moved).max() > 0
     # Deltas of float32 params: exact up to the rounding of the params themselves (a few ulps).
-    np.testing.assert_allclose(ours[k] - params[k], moved, rtol=1e-4,
-                               atol=4 * np.finfo(np.float32).eps * np.abs(params[k]).max())
+    np.testing.assert_allclose(value - start[path], moved, rtol=1e-4,
+                               atol=4 * np.finfo(np.float32).eps * np.abs(start[path]).max(),
+                               err_msg="/".join(path))
+
+
+def test_routing_moments_are_those_of_the_authors_2d_parameter():
+  """Factored second moments of routing logits (T, S, K), scanned (L, T, S, K): rows over T and
+  columns over S*K, as Hugging Face keeps them for the authors' (T, S*K) module_logits."""
+  params = {"encoder": {"layers": {"q": {"routing": {"logits": np.zeros((L, T, S, K), np.float32)}}}},
+            "routing": {"logits": np.zeros((T, S, K), np.float32)}}
+  state = optim.scale_by_factored_rms("last_two").init(params)
+  assert state.v_row["encoder"]["layers"]["q"]["routing"]["logits"].shape == (L, T)
+  assert state.v_col["encoder"]["layers"]["q"]["routing"]["logits"].shape == (L, S * K)
+  assert (state.v_row["routing"]["logits"].shape, state.v_col["routing"]["logits"].shape) == ((T,), (S * K,))
+
+
+def test_largest_factoring_is_optax_adafactor_per_layer():
+  """"largest" (optax's and T5X's factoring) equals optax's Adafactor scaling, update clipping and
+  parameter scaling applied to each layer of a stack on its own, and to an unscanned leaf bit for bit.
+  The (L, 130, 140) stack and the (L, 130) norm scales would otherwise share one update clipping."""
+  tx = optax.chain(optim.scale_by_factored_rms("largest", min_dim_to_factor=128),
+                   optim.clip_by_layer_rms(1.0), optim.scale_by_param_layer_rms(1e-3))
+  reference = optax.chain(optax.scale_by_factored_rms(min_dim_size_to_factor=128, epsilon=1e-30),
+                          optax.clip_by_block_rms(1.0), optax.scale_by_param_block_rms(1e-3))
+  shapes = {("encoder", "layers", "mlp", "wi_0", "kernel"): (L, 130, 140),
+            ("encoder", "layers", "pre_mlp_norm", "scale"): (L, 130),
+            ("decoder", "block_0", "mlp", "wo", "kernel"): (140, 130)}
+  flat = {p: (_RNG.normal(size=s) * np.float32(0.05)).astype(np.float32) for p, s in shapes.items()}
+  grads = [{p: (_RNG.normal(size=s) * (100.0 if i == 2 else 1.0)).astype(np.float32) for p, s in shapes.items()}
+           for i in range(4)]
+  for g in grads:
+    for p, s in shapes.items():
+      if len(s) == 3:
+        g[p][1] *= 0.01  # the stack's layers differ in gradient scale
+  unflat = traverse_util.unflatten_dict
+  ours, _ = _run_optax(tx, unflat(flat), [unflat(g) for g in grads])
+  ours = traverse_util.flatten_dict(ours)
+  for path, value in flat.items():
+    layers = range(L) if path[1] == "layers" else [None]
+    for layer in layers:
+      pick = (lambda x: x) if layer is None else (lambda x, i=layer: x[i])
+      want, _ = _run_optax(reference, pick(value), [pick(g[path]) for g in grads])
+      if layer is None:
+        np.testing.assert_array_equal(ours[path], want)
+      else:
+        np.testing.assert_allclose(ours[path][layer], want, rtol=1e-6, atol=1e-7, err_msg="/".join(path))
 
 
 @pytest.mark.parametrize("shape", [(313, 8, 8), (8, 8, 128, 16)])
 def test_optax_factoring_differs_from_the_authors_on_mhr_leaves(tmp_path, shape):
-  """The reason for the option: optax keeps a full moment for routing tables (T, S, K) and rank-16 blocks
+  """The reason for the option: optax keeps a full moment for routing tables (T, S*K) and rank-16 blocks
   (S, K, d/S, r), whose small dims are under its threshold; Hugging Face factors their last two dims."""
   import dataclasses
-  cfg = _t0_mhr_optimizer_config(tmp_path).optimizer
-  params = {"a": (_RNG.normal(size=shape) * 0.05).astype(np.float32)}
-  grads = [{"a": _RNG.normal(size=shape).astype(np.float32)} for _ in range(4)]
-  runs = [_run_optax(optim.make_optimizer(dataclasses.replace(cfg, adafactor_factoring=f, clip_norm=None),
-                                          {"a": "adapters"}, 10), params, grads)[0]["a"] - params["a"]
+  cfg, _ = _paper_optimizer_config(tmp_path, "pretrain")
+  path = ("q", "routing", "logits") if len(shape) == 3 else ("q", "lora_a")
+  params = traverse_util.unflatten_dict({path: (_RNG.normal(size=shape) * 0.05).astype(np.float32)})
+  labels = traverse_util.unflatten_dict({path: "adapters"})
+  grads = [traverse_util.unflatten_dict({path: _RNG.normal(size=shape).astype(np.float32)}) for _ in range(4)]
+  runs = [traverse_util.flatten_dict(_run_optax(optim.make_optimizer(
+      dataclasses.replace(cfg, adafactor_factoring=f, clip_norm=None), labels, 10), params, grads)[0])[path]
           for f in ("last_two", "largest")]
-  assert np.max(np.abs(runs[0] - runs[1])) > 1e-2 * np.max(np.abs(runs[1]))
+  assert np.max(np.abs(runs[0] - runs[1])) > 1e-2 * np.max(np.abs(runs[1] - traverse_util.flatten_dict(params)[path]))
 
 
 def test_adamw_with_clipping_matches_torch():

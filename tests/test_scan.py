@@ -159,6 +159,61 @@ def test_train_step_equals_unscanned(mhr):
     np.testing.assert_allclose(b, a, atol=ATOL, rtol=RTOL)
 
 
+ADAFACTOR_STEPS = 3
+# Adafactor turns every gradient element into a step of about the learning rate whatever its size, so
+# the float32 noise of near-zero gradient elements (the two layouts' fusions differ by up to ~1e-2
+# elementwise there, 1e-6 of a leaf's largest gradient) becomes noise in those steps. Each leaf's
+# change over the steps is compared in norm: equal layouts stay within 3.2e-3 here, an optimizer that
+# mixes the layers of a stack is off by more than the change itself.
+ADAFACTOR_CHANGE_RTOL = 1e-2
+
+
+def _unequal_layers(params):
+  """`params` with the second layer's inventories rescaled, A by 3 and B by 1/3: the same function,
+  but per-layer and per-stack RMS differ (parameter scaling must not mix layers)."""
+  scale = {"lora_a": np.float32(3.0), "lora_b": np.float32(1 / 3)}
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: v * scale[p[-1]] if p[1] == "block_1" and p[-1] in scale else v
+                                       for p, v in flat.items()})
+
+
+@pytest.mark.parametrize("factoring, scale_parameter, mesh_shape", [
+    ("last_two", True, (2, 2, 2)), ("largest", False, (1, 1, 1))])
+def test_adafactor_training_equals_unscanned(factoring, scale_parameter, mesh_shape):
+  """Several Adafactor steps of the real train step, every weight trained (base, inventory, routing),
+  change the params alike in both layouts: moments, update clipping and parameter scaling treat each
+  layer of a scanned stack as its own parameter (with sharded optimizer state on 8 devices). "largest"
+  factors dims of size >= 2 here, so a stack's layer axis would be a candidate if the optimizer saw
+  the stacked leaf as one parameter."""
+  params = _unequal_layers(_adapted_params(CFG))
+  enc, dec, tgt, tids = _batch(b=8)
+  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": tgt,
+           "task_ids": tids}
+  opt_cfg = optim.OptimizerConfig(
+      name="adafactor", adafactor_factoring=factoring, adafactor_min_dim_to_factor=2,
+      adafactor_scale_parameter=scale_parameter, adapter_lr=1e-2, routing_lr=0.1, base_lr=1e-3,
+      schedule="constant", warmup_steps=0, clip_norm=None)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(*mesh_shape),
+                                devices=jax.devices()[:int(np.prod(mesh_shape))])
+  changes = []
+  start = traverse_util.flatten_dict(params)
+  for cfg in (CFG, SCANNED):
+    p = layout.to_layout(cfg, params)
+    labels = param_groups.param_labels(p, "full")
+    tx = optim.make_optimizer(opt_cfg, labels, 10)
+    state = ts.init_train_state(T5(cfg), p, labels, tx, mesh)
+    step = ts.make_train_step(T5(cfg), tx, losses.LossConfig(), mesh, ts.shardings_of(state))
+    for i in range(ADAFACTOR_STEPS):
+      state, _ = step(state, batch, jax.random.key(i))
+    final = traverse_util.flatten_dict(layout.to_unscanned(cfg, jax.device_get(state.params)))
+    changes.append({path: final[path] - start[path] for path in final})
+  unscanned, scanned = changes
+  for path, want in unscanned.items():
+    size = np.linalg.norm(want)
+    assert size > 0, path  # every weight trained
+    assert np.linalg.norm(scanned[path] - want) <= ADAFACTOR_CHANGE_RTOL * size, "/".join(path)
+
+
 # ------------------------------------------------------------------------------------- decoding
 
 def test_greedy_and_beam_equal_unscanned(mhr):

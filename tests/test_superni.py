@@ -65,6 +65,29 @@ def test_format_input_follows_tk_instruct(clone):
   assert superni.format_input(task, "q?", 2, fits=one_fits).count("Positive Example") == 1
 
 
+def test_authors_prompt_and_its_truncation(clone, vocab):
+  """The MHR authors' input string (their DataCollatorForNI: "Task definition: ", one newline, "Output:"
+  without a space); an input over the budget keeps its first budget - len("\\nOutput:") tokens and the cue."""
+  task = superni.load_task(clone, "task002_more")
+  assert superni.format_authors_input(task, " what is it ") == (
+      "Task definition: Answer the question.\n"
+      "Now complete the following example -\nInput: what is it.\nOutput:")
+  assert superni.format_authors_input(task, "q?").endswith("Input: q?\nOutput:")
+  whole = superni.format_authors_input(superni.load_task(clone, "task010_heldout"), "input 5")
+  budget = len(vocab.encode(whole)) + 1 - 7  # 7 tokens (bytes) too long with EOS
+  superni.register_superni(clone, vocab, fewshot_ks=(), input_format=superni.InputFormat(
+      prompt="authors", max_input_tokens=budget))
+  inputs = [ex["inputs"] for ex in data.eval_examples("superni_task010_heldout", "test")]
+  cue = superni.AUTHORS_OUTPUT_CUE
+  assert inputs[5] == whole[:budget - len(cue)] + cue
+  with pytest.raises(ValueError, match=r"InputFormat.num_pos_examples=2: prompt 'authors' shows no"):
+    superni.InputFormat(prompt="authors", num_pos_examples=2)
+  from mhr_jax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match=r"^DataConfig.num_pos_examples=2: prompt 'authors'"):
+    config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone, prompt="authors",
+                          num_pos_examples=2)
+
+
 def test_register_tasks_ids_splits_and_references(clone, vocab):
   reg = superni.register_superni(clone, vocab, fewshot_ks=(16,), fewshot_seeds=(13, 42))
   assert reg.tasks == {n: f"superni_{n}" for n in TRAIN + TEST}
@@ -162,17 +185,18 @@ def test_bad_inputs_name_file_and_field(tmp_path):
     superni.register_superni(clone, data.get_vocabulary("byte"))
 
 
-def test_common_20_task_subset_is_shipped_and_selectable(clone, tmp_path):
-  """tasks/superni_test_tasks_20.txt (the authors' common subset of the 119 test tasks) is a task list
-  that DataConfig.test_task_list selects as the held-out tasks, resolved from the repository."""
+def test_authors_validation_task_list_is_shipped_and_selectable(clone, tmp_path):
+  """tasks/superni_val_tasks_20.txt (20 of the 119 test tasks: the authors' early-stopping list,
+  NIOnlineZeroShot.VAL_TASKS) is a task list that DataConfig.test_task_list selects as the held-out
+  tasks, resolved from the repository."""
   from mhr_jax import config as config_lib
   from mhr_jax.config import REPO_ROOT
-  names = superni.read_task_list(os.path.join(REPO_ROOT, "tasks", "superni_test_tasks_20.txt"))
+  names = superni.read_task_list(os.path.join(REPO_ROOT, "tasks", "superni_val_tasks_20.txt"))
   assert len(names) == 20 and all(n.startswith("task") for n in names)
   assert "task1159_bard_analogical_reasoning_containers" in names
   d = config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone,
-                            test_task_list="tasks/superni_test_tasks_20.txt")
-  assert d.test_task_list == os.path.join(REPO_ROOT, "tasks", "superni_test_tasks_20.txt")
+                            test_task_list="tasks/superni_val_tasks_20.txt")
+  assert d.test_task_list == os.path.join(REPO_ROOT, "tasks", "superni_val_tasks_20.txt")
   own = tmp_path / "two.txt"
   own.write_text("task010_heldout\ntask001_copy\n")
   cfg = config_lib.ExperimentConfig(
@@ -185,3 +209,33 @@ def test_common_20_task_subset_is_shipped_and_selectable(clone, tmp_path):
   assert data.heldout_tasks(cfg.data, registration) == ["task010_heldout", "task001_copy"]
   with pytest.raises(config_lib.ConfigError, match="DataConfig.test_task_list='nope.txt': no such file"):
     config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone, test_task_list="nope.txt")
+
+
+def test_fewshot_decoding_uses_the_configured_beams(clone, vocab, monkeypatch):
+  """SuperNI-format pairs decode their test and dev splits with AdaptConfig.num_beams (the authors: 4)."""
+  from mhr_jax import config as config_lib
+  from mhr_jax.data import fewshot as fewshot_data
+  from mhr_jax.evaluation import drivers
+  from mhr_jax.evaluation import fewshot as fewshot_eval
+  seen = []
+
+  def fake_generate(model, params, batches, max_len, **kwargs):
+    seen.append(kwargs["num_beams"])
+    rows = sum(int(np.sum(b["example_index"] >= 0)) for b in batches)  # padding rows dropped
+    return np.full((rows, 2), vocab.encode("a")[0], np.int32)
+
+  monkeypatch.setattr(drivers, "generate", fake_generate)
+  cfg = config_lib.ExperimentConfig(
+      model_cfg=config_lib.ModelConfig(), model=config_lib.preset("tiny"),
+      data=config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone, vocabulary="byte"),
+      loss=config_lib.LossConfig(), optimizer=config_lib.OptimizerConfig(), mesh=config_lib.MeshConfig(),
+      run=config_lib.RunConfig(model_dir=str(clone) + "/run"),
+      adapt=config_lib.AdaptConfig(shots=16, seeds=(13,), num_beams=4, tasks=("task010_heldout",)))
+  registration = superni.register_superni(clone, vocab, fewshot_ks=(16,), fewshot_seeds=(13,))
+  pairs = fewshot_data.SuperNIPairs(cfg, registration, vocab)
+  result = fewshot_eval.evaluate(pairs, None, None, 0, None)
+  assert len(result["predictions"]) == 100 and seen == [4]
+  fewshot_eval.dev_scorer(pairs, None, [0])(None, {}, {}, slice(0, 1))
+  assert seen == [4, 4]
+  with pytest.raises(config_lib.ConfigError, match=r"^AdaptConfig.num_beams=0: must be >= 1"):
+    config_lib.AdaptConfig(num_beams=0)

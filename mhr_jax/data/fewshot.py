@@ -58,12 +58,13 @@ class SuperNIPairs:
   """(task, seed) pairs of a SuperNI-format source.
 
   Attributes: pairs ([(task, seed)]), description, source ("superni" or "synthetic"), vocabulary, data
-  (the run's DataConfig) and eval_batch_size.
+  (the run's DataConfig), eval_batch_size and num_beams (AdaptConfig: how evaluation decodes).
   """
 
   def __init__(self, cfg, registration, vocabulary):
     a, d = cfg.adapt, cfg.data
     self.source, self.vocabulary, self.data, self.eval_batch_size = d.source, vocabulary, d, eval_batch_size(cfg)
+    self.num_beams = a.num_beams
     self._shots, self._registration = a.shots, registration
     tasks = list(a.tasks) or pipeline.heldout_tasks(d, registration)
     unknown = [t for t in tasks if t not in registration.tasks]

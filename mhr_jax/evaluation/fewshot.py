@@ -1,8 +1,9 @@
 """Evaluating adapted few-shot pairs and tabulating them (METHODS.md "Protocols"); the pairs and their data
 are mhr_jax/data/fewshot.py.
 
-- SuperNI-format sources: greedy decoding of the test split; exact match and ROUGE-L, the official SuperNI
-  metrics; best-on-dev scores each pair's dev ROUGE-L the same way.
+- SuperNI-format sources: decoding of the test split (greedy, or beam search with AdaptConfig.num_beams);
+  exact match and ROUGE-L, the official SuperNI metrics; best-on-dev scores each pair's dev ROUGE-L the same
+  way.
 - T0: rank classification of each template's evaluation split; accuracy per template, median and mean over
   templates.
 """
@@ -25,7 +26,8 @@ def _generate(benchmark: SuperNIPairs, model, params, examples, mesh) -> tuple[d
   from mhr_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   d = benchmark.data
   batches = pipeline.generation_batches(examples, benchmark.vocabulary, benchmark.eval_batch_size, d.input_len)
-  tokens = drivers.generate(model, params, batches, d.target_len, mesh=mesh, task_id=TASK_ID)
+  tokens = drivers.generate(model, params, batches, d.target_len, mesh=mesh, task_id=TASK_ID,
+                            num_beams=benchmark.num_beams)
   predictions = drivers.decode_texts(benchmark.vocabulary, tokens)
   return metrics.superni_metrics(predictions, [ex["references"] for ex in examples]), predictions
 
@@ -51,7 +53,7 @@ def evaluate(benchmark: SuperNIPairs | T0Pairs, model, params, pair: int, mesh) 
 
 def dev_scorer(benchmark: SuperNIPairs, mesh, indices: Sequence[int]):
   """adaptation.adapt's `select` for pairs `indices` (a SuperNI-format benchmark): each pair's ROUGE-L on
-  its dev split by greedy decoding (the authors keep the checkpoint with the best dev ROUGE-L)."""
+  its dev split, decoded as the test split (the authors keep the checkpoint with the best dev ROUGE-L)."""
   dev = [benchmark.dev_examples(i) for i in indices]
 
   def select(model, frozen, trainable, pairs: slice):

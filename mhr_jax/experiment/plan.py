@@ -6,6 +6,7 @@ could have made (T5X chains pretrain.gin -> finetune.gin the same way, by paths)
   MODEL_DIR/base/                 multi-task full fine-tuning of the base on the training tasks (only
                                   without Experiment.base_checkpoint, a Hugging Face base)
   MODEL_DIR/pretrain/<kind>/      multi-task pre-training of each adapter kind in Experiment.pretrain
+                                  ("full": multi-task full fine-tuning of the base, where `full` adapts from)
   MODEL_DIR/pretrain/<kind>-mu/   zero-shot MHR-mu: the skills averaged, trained Experiment.mu_steps more
   MODEL_DIR/adapt/<method>/       few-shot adaptation of every (held-out task, seed) pair, per method
   MODEL_DIR/control/<method>/     the same from the base with a fresh adapter (no multi-task pre-training)
@@ -13,8 +14,9 @@ could have made (T5X chains pretrain.gin -> finetune.gin the same way, by paths)
   MODEL_DIR/analysis/<kind>/      routing heatmaps, task similarity, gradient alignment of pre-training runs
 
 A stage's config is built as objects: the experiment's gin files are parsed once; each stage instantiates
-the config dataclasses under its gin scope (base, pretrain, mu, adapt), so that
-`pretrain/OptimizerConfig.adapter_lr` applies to the pre-training stages only, and passes its own settings
+the config dataclasses under its gin scope (base; pretrain/<kind>, so that `pretrain/` bindings apply to
+every pre-training stage and `pretrain/ia3/` ones to (IA)^3's only; mu; adapt, or adapt/<variant>), and
+passes its own settings
 (mode, adapter kind, where it starts, its directory) as arguments, which win over every binding
 (`Stage.settings`, `config.load_config`). Which pre-training a method needs, and whether it can be a
 control, comes from the method table (adapters.methods).
@@ -36,10 +38,19 @@ from mhr_jax.storage import check_local_paths, read_json
 
 
 
+FULL = "full"  # Experiment.pretrain's name for multi-task full fine-tuning of the base (adapter kind "none")
+
+
+def _adapter_kind(pretrained: str) -> str:
+  """The adapter kind of an Experiment.pretrain entry."""
+  return "none" if pretrained == FULL else pretrained
+
+
 def _zero_shot_names(pretrain: tuple[str, ...]) -> tuple[str, ...]:
   """What Experiment.zero_shot may name, given the pre-trained kinds."""
-  plain = [k for k in pretrain if not KIND_TABLE[k].task_ids]   # a held-out task can use them as they are
-  averaged = [f"{k}-mu" for k in pretrain if KIND_TABLE[k].routed]
+  adapters = [k for k in pretrain if k != FULL]
+  plain = [k for k in adapters if not KIND_TABLE[k].task_ids]   # a held-out task can use them as they are
+  averaged = [f"{k}-mu" for k in adapters if KIND_TABLE[k].routed]
   return ("base", *plain, *averaged)
 
 
@@ -54,9 +65,12 @@ class Experiment:
       (stage "base": multi-task full fine-tuning on the training tasks, settings under the gin scope "base").
     base_run: a finished run directory of adapter kind "none" (e.g. another experiment's base stage) whose
       latest checkpoint is the base: experiments that share one base need not train it again.
-    pretrain: adapter kinds pre-trained multi-task from the base (adapters.methods.pretrainable_kinds()).
+    pretrain: adapter kinds pre-trained multi-task from the base (adapters.methods.pretrainable_kinds()), and
+      "full": multi-task full fine-tuning of the base (every weight, no adapter), the authors' starting point
+      for the `full` baseline.
     adapt: few-shot methods (adapters.methods.METHODS); each starts from the pre-training run of its
-      record's `pretrain_kind` (mhr, mhr-z, mhr-mu from "mhr"; full from the base). An entry
+      record's `pretrain_kind` (mhr, mhr-z, mhr-mu from "mhr"; full from "full" when it is pre-trained,
+      else from the base). An entry
       "<method>@<variant>" adapts the method with the settings of the gin scope adapt/<variant> as well
       (e.g. `adapt/fast/OptimizerConfig.routing_lr = 1.0`): its own stage adapt/<method>@<variant> and row.
     controls: methods adapted from the base with a fresh adapter, as the no-pre-training control (those
@@ -85,7 +99,7 @@ class Experiment:
     for name in ("pretrain", "adapt", "controls", "zero_shot"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.analysis_kinds is None:
-      object.__setattr__(self, "analysis_kinds", tuple(k for k in self.pretrain if KIND_TABLE[k].routed))
+      object.__setattr__(self, "analysis_kinds", tuple(k for k in self.pretrain if k != FULL and KIND_TABLE[k].routed))
     object.__setattr__(self, "analysis_kinds", tuple(self.analysis_kinds))
     if not self.model_dir:
       raise ConfigError("Experiment.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\"")
@@ -97,7 +111,7 @@ class Experiment:
     for kind in self.analysis_kinds if self.analysis else ():
       if kind not in self.pretrain:
         raise ConfigError(f"Experiment.analysis_kinds: {kind!r} is not pre-trained (Experiment.pretrain)")
-    kinds = methods.pretrainable_kinds()
+    kinds = (*methods.pretrainable_kinds(), FULL)
     for kind in self.pretrain:
       if kind not in kinds:
         raise ConfigError(f"Experiment.pretrain: unknown adapter kind {kind!r}; expected some of {kinds}")
@@ -199,8 +213,8 @@ def plan(exp: Experiment) -> list[Stage]:
 
   for kind in exp.pretrain:
     name = f"pretrain/{kind}"
-    stages.append(Stage(name, "train", "pretrain", where(name),
-                        {"run": _run(where(name), "pretrain", **base_start), "adapter": _adapter(kind)},
+    stages.append(Stage(name, "train", name, where(name),
+                        {"run": _run(where(name), "pretrain", **base_start), "adapter": _adapter(_adapter_kind(kind))},
                         after=base_after))
   for entry in exp.zero_shot:
     if entry.endswith("-mu"):
@@ -229,7 +243,9 @@ def plan(exp: Experiment) -> list[Stage]:
   for entry in exp.adapt:
     method, variant = split_entry(entry)
     kind = methods.METHOD_TABLE[method].pretrain_kind
-    if kind == "none":
+    if kind == "none" and FULL in exp.pretrain:
+      start, after = {"pretrain_dir": where(f"pretrain/{FULL}")}, (f"pretrain/{FULL}",)
+    elif kind == "none":
       start, after = adapt_from_base, base_after
     else:
       start, after = {"pretrain_dir": where(f"pretrain/{kind}")}, (f"pretrain/{kind}",)

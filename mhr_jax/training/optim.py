@@ -18,10 +18,13 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
 from mhr_jax.adapters.params import GROUPS, TRAINED as TRAINED_GROUPS
+from mhr_jax.models import layout
+
 _NAMES = ("adafactor", "adamw")
 _SCHEDULES = ("linear", "cosine", "constant")
 _FACTORINGS = ("largest", "last_two")
@@ -32,8 +35,10 @@ class OptimizerConfig:
   """Optimizer settings (gin-bindable).
 
   Attributes:
-    name: "adafactor" (the paper's T0 setting: no parameter scaling, no relative step, the given
-      learning rate, factored second moments, update clipping 1.0) or "adamw".
+    name: "adafactor" (the authors' T0 optimizer: no relative step, the given learning rate,
+      factored second moments, update clipping 1.0) or "adamw". Adafactor treats each layer of a
+      scanned stack as its own parameter and routing logits as the authors' 2-D (T, S*K)
+      (`adafactor_block`), so both layouts train alike.
     adapter_lr, routing_lr, base_lr: peak learning rate of each trained group.
     schedule: decay after warmup, "linear" (to 0 at the last step), "cosine" (to 0) or "constant".
     warmup_steps: linear warmup length; None -> round(warmup_fraction * total_steps).
@@ -45,10 +50,11 @@ class OptimizerConfig:
     adafactor_factoring: which second moments Adafactor factors: "largest" (optax and T5X: the two
       largest dims, when both are at least adafactor_min_dim_to_factor; other params keep a full
       moment) or "last_two" (Hugging Face's Adafactor, which the paper's authors train with: the last
-      two dims of every param with 2 or more dims).
+      two dims of every param with 2 or more dims). Dims of a parameter, not of a stacked leaf.
     adafactor_min_dim_to_factor: the "largest" rule's threshold (optax / T5X default 128).
     adafactor_scale_parameter: multiply each param's step by max(1e-3, RMS(param)), as Hugging Face's
-      Adafactor(scale_parameter=True) does; the authors set it False.
+      Adafactor(scale_parameter=True) does. The authors' Poly / MHR pre-training sets it False; their
+      T0 adaptation and LoRA / (IA)^3 pre-training keep Hugging Face's default, True.
     grad_accum_steps: micro-batches per update; the train step splits each batch and sums their
       gradients exactly (token-weighted), see train_step.make_train_step.
   """
@@ -173,74 +179,164 @@ def multiply_updates(mask: Mapping) -> optax.GradientTransformation:
 
 
 class LastTwoFactoredState(NamedTuple):
-  """Adafactor second moments: per leaf, (row, column) means over its last two dims, or a full
-  moment for 0-D / 1-D leaves (the other entry is then a placeholder of shape (1,))."""
+  """Adafactor second moments of the "last_two" factoring (Hugging Face's): per leaf, row and column
+  means over the last two dims of one parameter, or a full moment for 0-D / 1-D parameters (the
+  other entries are then placeholders of shape (1,)). The "largest" factoring keeps the same fields
+  in an optax.FactoredState."""
   count: jax.Array
   v_row: Any
   v_col: Any
   v: Any
 
 
-def scale_by_last_two_factored_rms(decay_rate: float = 0.8, epsilon: float = 1e-30
-                                   ) -> optax.GradientTransformation:
-  """Hugging Face's Adafactor scaling (transformers.optimization.Adafactor), without its learning rate.
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
 
-  Every param with ndim >= 2 keeps row and column means of g^2 + epsilon over its last two dims (the
-  leading dims are independent matrices); the update is g / sqrt(v_row v_col / mean(v_row)). Other
-  params keep the full moment. beta2_t = 1 - t^(-decay_rate) at update t = 1, 2, ...
+
+def adafactor_block(names: tuple[str, ...], shape) -> tuple[int, tuple[int, ...]]:
+  """How Adafactor sees the leaf at path `names`: (layer axes, view shape).
+
+  Each index of the leading layer axes (a scanned stack, `models.layout.layer_axes`) is a parameter
+  of its own: moments, update clipping and parameter scaling never mix layers, so a scanned stack
+  trains as its layers one by one. Routing logits (..., T, S, K) are viewed as the authors' 2-D
+  parameter (..., T, S*K) (their `module_logits`), which is what gets factored.
   """
+  shape = tuple(int(d) for d in shape)
+  if names[-2:] == ("routing", "logits"):
+    shape = shape[:-2] + (shape[-2] * shape[-1],)
+  return layout.layer_axes(names), shape
+
+
+def _factored_axes(view: tuple[int, ...], lead: int, factoring: str,
+                   min_dim_to_factor: int) -> tuple[int, int] | None:
+  """(a, b): the axes of `view` whose second moment is factored (row statistics average over b and keep
+  a; column statistics average over a), or None for a full moment. "last_two": the last two axes of
+  every parameter with 2 or more dims (Hugging Face); "largest": its two largest axes when both are at
+  least min_dim_to_factor (optax and T5X: a = the second largest, b = the largest)."""
+  dims = view[lead:]
+  if len(dims) < 2:
+    return None
+  if factoring == "last_two":
+    return len(view) - 2, len(view) - 1
+  order = np.argsort(dims)  # the same tie order as optax's _factored_dims
+  if dims[order[-2]] < min_dim_to_factor:
+    return None
+  return lead + int(order[-2]), lead + int(order[-1])
+
+
+def _drop(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+  return shape[:axis] + shape[axis + 1:]
+
+
+def scale_by_factored_rms(factoring: str, decay_rate: float = 0.8, min_dim_to_factor: int = 128,
+                          epsilon: float = 1e-30) -> optax.GradientTransformation:
+  """Adafactor's scaling by a factored second moment, without its learning rate, layer by layer.
+
+  Each parameter (see `adafactor_block`) with factored axes (a, b) keeps row means v_row (over b) and
+  column means v_col (over a) of g^2 + epsilon; its update is g / sqrt(v_row v_col / mean_a(v_row)).
+  Other parameters keep the full moment (param-shaped, so it shards like its parameter); the update is
+  g / sqrt(v). beta2_t = 1 - t^(-decay_rate) at update t = 1, 2, ... "last_two" is Hugging Face's
+  Adafactor (transformers.optimization.Adafactor), "largest" optax's scale_by_factored_rms; on
+  parameters without layer axes both give their numbers. State: LastTwoFactoredState ("last_two") or
+  optax.FactoredState ("largest"), with the moments per leaf.
+  """
+  if factoring not in _FACTORINGS:
+    raise ValueError(f"OptimizerConfig.adafactor_factoring={factoring!r}: expected one of {_FACTORINGS}")
+  state_type = LastTwoFactoredState if factoring == "last_two" else optax.FactoredState
   placeholder = lambda: jnp.zeros((1,), jnp.float32)  # noqa: E731
 
+  def layout_of(path, leaf):
+    lead, view = adafactor_block(_path_names(path), leaf.shape)
+    return lead, view, _factored_axes(view, lead, factoring, min_dim_to_factor)
+
   def init(params):
-    def rows(p):
-      return jnp.zeros(p.shape[:-1], jnp.float32) if p.ndim >= 2 else placeholder()
-    def cols(p):
-      return jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32) if p.ndim >= 2 else placeholder()
-    def full(p):
-      return placeholder() if p.ndim >= 2 else jnp.zeros(p.shape, jnp.float32)
-    return LastTwoFactoredState(jnp.zeros((), jnp.int32), jax.tree.map(rows, params),
-                                jax.tree.map(cols, params), jax.tree.map(full, params))
+    def moments(path, p):
+      _, view, axes = layout_of(path, p)
+      if axes is None:
+        return placeholder(), placeholder(), jnp.zeros(p.shape, jnp.float32)
+      a, b = axes
+      return jnp.zeros(_drop(view, b), jnp.float32), jnp.zeros(_drop(view, a), jnp.float32), placeholder()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = [moments(path, p) for path, p in leaves]
+    pick = lambda i: treedef.unflatten([o[i] for o in out])  # noqa: E731
+    return state_type(jnp.zeros((), jnp.int32), pick(0), pick(1), pick(2))
 
   def update(updates, state, params=None):
     del params
     t = (state.count + 1).astype(jnp.float32)
     beta2 = 1.0 - t ** (-decay_rate)
 
-    def one(g, v_row, v_col, v):
-      g32 = g.astype(jnp.float32)
-      sq = g32 * g32 + epsilon
-      if g.ndim >= 2:
-        v_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(sq, axis=-1)
-        v_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(sq, axis=-2)
-        row_factor = jax.lax.rsqrt(v_row / jnp.mean(v_row, axis=-1, keepdims=True))[..., None]
-        col_factor = jax.lax.rsqrt(v_col)[..., None, :]
-        u = g32 * row_factor * col_factor
-      else:
+    def one(path, g, v_row, v_col, v):
+      _, view, axes = layout_of(path, g)
+      sq = jnp.square(g.astype(jnp.float32)) + epsilon
+      # x ** -0.5 as optax writes it: the "largest" factoring gives optax's numbers bit for bit.
+      if axes is None:
         v = beta2 * v + (1.0 - beta2) * sq
-        u = g32 * jax.lax.rsqrt(v)
+        return (g.astype(jnp.float32) * v ** -0.5).astype(g.dtype), v_row, v_col, v
+      a, b = axes
+      g32, sq = g.astype(jnp.float32).reshape(view), sq.reshape(view)
+      v_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(sq, axis=b)
+      v_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(sq, axis=a)
+      row_mean = jnp.mean(v_row, axis=a if a < b else a - 1, keepdims=True)
+      row_factor = jnp.expand_dims((v_row / row_mean) ** -0.5, b)
+      col_factor = jnp.expand_dims(v_col ** -0.5, a)
+      u = (g32 * row_factor * col_factor).reshape(g.shape)
       return u.astype(g.dtype), v_row, v_col, v
 
-    leaves, treedef = jax.tree.flatten(updates)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     moments = [treedef.flatten_up_to(m) for m in (state.v_row, state.v_col, state.v)]
-    out = [one(g, *m) for g, *m in zip(leaves, *moments)]
+    out = [one(path, g, *m) for (path, g), *m in zip(leaves, *moments)]
     pick = lambda i: treedef.unflatten([o[i] for o in out])  # noqa: E731
-    return pick(0), LastTwoFactoredState(optax.safe_increment(state.count), pick(1), pick(2), pick(3))
+    return pick(0), state_type(optax.safe_increment(state.count), pick(1), pick(2), pick(3))
 
   return optax.GradientTransformation(init, update)
 
 
+def _layer_rms(path, x) -> jax.Array:
+  """RMS of each parameter in leaf `x`: over every axis but its layer axes, kept as size-1 dims."""
+  lead = layout.layer_axes(_path_names(path))
+  x = x.astype(jnp.float32)
+  return jnp.sqrt(jnp.mean(jnp.square(x), axis=tuple(range(lead, x.ndim)), keepdims=True))
+
+
+def clip_by_layer_rms(threshold: float) -> optax.GradientTransformation:
+  """Adafactor's update clipping u / max(1, RMS(u) / threshold), per parameter: each layer of a
+  scanned stack on its own (optax.clip_by_block_rms would take the RMS over the whole stack)."""
+  def update(updates, state, params=None):
+    del params
+    def one(path, u):
+      return (u / jnp.maximum(1.0, _layer_rms(path, u) / threshold)).astype(u.dtype)
+    return jax.tree_util.tree_map_with_path(one, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def scale_by_param_layer_rms(min_scale: float = 1e-3) -> optax.GradientTransformation:
+  """Hugging Face's Adafactor(scale_parameter=True): each parameter's update times max(min_scale,
+  RMS(param)), per layer of a scanned stack (as it was per layer before scanning)."""
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("scale_by_param_layer_rms: update() needs the params")
+    def one(path, u, p):
+      return (u * jnp.maximum(min_scale, _layer_rms(path, p))).astype(u.dtype)
+    return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def group_transform(opt_cfg: OptimizerConfig, schedule) -> optax.GradientTransformation:
-  """One group's scaling (Adafactor or Adam), optional decoupled weight decay, and its scheduled step."""
+  """One group's scaling (Adafactor or Adam), optional decoupled weight decay, and its scheduled step.
+
+  Adafactor is Hugging Face's order: factored scaling, update clipping at RMS 1.0, then the learning
+  rate, times max(1e-3, RMS(param)) with adafactor_scale_parameter; every step per parameter as
+  `adafactor_block` defines it (a scanned stack's layers and routing's 2-D view).
+  """
   if opt_cfg.name == "adafactor":
-    if opt_cfg.adafactor_factoring == "last_two":
-      factored = scale_by_last_two_factored_rms(opt_cfg.adafactor_decay_rate, epsilon=1e-30)
-    else:
-      factored = optax.scale_by_factored_rms(
-          factored=True, decay_rate=opt_cfg.adafactor_decay_rate, step_offset=0,
-          min_dim_size_to_factor=opt_cfg.adafactor_min_dim_to_factor, epsilon=1e-30)
-    scaling = [factored, optax.clip_by_block_rms(1.0)]
-    if opt_cfg.adafactor_scale_parameter:  # Hugging Face: lr x max(eps2 = 1e-3, RMS(param))
-      scaling.append(optax.scale_by_param_block_rms(min_scale=1e-3))
+    scaling = [scale_by_factored_rms(opt_cfg.adafactor_factoring, opt_cfg.adafactor_decay_rate,
+                                     opt_cfg.adafactor_min_dim_to_factor, epsilon=1e-30),
+               clip_by_layer_rms(1.0)]
+    if opt_cfg.adafactor_scale_parameter:
+      scaling.append(scale_by_param_layer_rms(min_scale=1e-3))
   else:
     scaling = [optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)]
   decay = [optax.add_decayed_weights(opt_cfg.weight_decay)] if opt_cfg.weight_decay else []
