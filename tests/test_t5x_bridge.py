@@ -3,7 +3,9 @@
 T5X is not on PyPI: the tests that need it skip when it is absent (the project's CI has no T5X).
 Run them with a T5X virtualenv (README, section "T5X"):
   PYTHONPATH=. $T5X_PYTHON -m pytest -q tests/test_t5x_bridge.py
-The end-to-end `python -m t5x.train --gin_file=configs/mhr.gin` run is tests/t5x_bridge_check.sh.
+Two tests start processes: `eight_device_check` on 8 simulated CPU devices under T5X's partitioner,
+and `python -m t5x.eval` against the project's evaluation. The end-to-end `python -m t5x.train` runs
+(pre-training, best-on-dev and T-Few adaptation) are tests/t5x_bridge_check.sh.
 """
 import importlib.util
 import os
@@ -887,7 +889,7 @@ def _with_task_rows(params, n_new):
 
 # ------------------------------------------------------- t5x.eval against the project's evaluation
 
-EVAL_LENGTHS = {"inputs": 64, "targets": 16}   # DataConfig's input_len / target_len defaults
+EVAL_LENGTHS = {"inputs": 32, "targets": 16}   # configs/t5x/synthetic.gin's, as configs/tiny.gin's
 
 
 def _fit(model, params, examples, steps: int):
@@ -928,8 +930,7 @@ def test_t5x_eval_and_the_projects_evaluation_agree_on_a_checkpoint(tmp_path):
   from mhr_jax.t5x_bridge import tasks as bridge_tasks
   files = [str(ROOT / "configs/t5x/eval_tiny.gin"), str(ROOT / "configs/t5x/adapt_mhr.gin")]
   out = tmp_path / "eval"
-  bindings = [f"EVAL_OUTPUT_DIR = '{out}'", f"TASK_FEATURE_LENGTHS = {EVAL_LENGTHS}"]
-  model = bridge_checkpoints.load_gin_model(files, bindings)
+  model = bridge_checkpoints.load_gin_model(files, [f"EVAL_OUTPUT_DIR = '{out}'"])
   # The suite as synthetic.gin registers it for t5x.eval (task ids 8 and 9 held out).
   registration = bridge_tasks.register("synthetic", str(out / "synthetic_data"), "byte", n_train_tasks=8,
                                        n_test_tasks=2, fewshot_ks=(16, 32, 64, 100))
@@ -945,8 +946,7 @@ def test_t5x_eval_and_the_projects_evaluation_agree_on_a_checkpoint(tmp_path):
          "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
   run = subprocess.run(
       [sys.executable, "-m", "t5x.eval", *(f"--gin_file={f}" for f in files),
-       f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.EVAL_OUTPUT_DIR='{out}'",
-       f"--gin.TASK_FEATURE_LENGTHS={EVAL_LENGTHS}"],
+       f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.EVAL_OUTPUT_DIR='{out}'"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-4000:]
 
@@ -1025,3 +1025,6 @@ def test_gin_files_build_the_papers_models(run, tmp_path):
   from mhr_jax.adapters import params as param_groups
   assert list(model.optimizer_def.rules) == param_groups.default_rules(method)
   assert model.optimizer_def.update_routing_rows_from == frozen_rows
+  # T0 adaptation trains with the T-Few objective, everything else with T5X's LM loss.
+  loss = model.loss_config.kind if model.loss_config is not None else "t5x"
+  assert loss == ("tfew" if run.startswith("adapt_t0") else "t5x")

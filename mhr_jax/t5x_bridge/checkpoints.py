@@ -363,13 +363,15 @@ def _add_search_paths(paths) -> None:
 
 
 def _find_gin_file(path: str, search_paths) -> str:
-  """A gin file's absolute path: as given, else under the current directory, `search_paths` or the
-  repository root (gin's own lookup of a relative name fails on `configs/`, a namespace package)."""
-  for prefix in ("", os.getcwd(), *search_paths, _REPO_ROOT):
+  """A gin file's absolute path: `path` itself when absolute, else the first of the current directory,
+  `search_paths` and the repository root that holds it (gin's own lookup of a relative name fails
+  on `configs/`, a namespace package)."""
+  prefixes = [os.getcwd(), *search_paths, _REPO_ROOT]
+  for prefix in prefixes:
     candidate = os.path.join(prefix, path)
     if os.path.isfile(candidate):
       return os.path.abspath(candidate)
-  raise ValueError(f"--gin_file={path}: not found (searched {[os.getcwd(), *search_paths, _REPO_ROOT]})")
+  raise ValueError(f"--gin_file={path}: not found (searched {prefixes})")
 
 
 def load_gin_model(gin_files, gin_bindings=(), search_paths=()):

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.linen import partitioning as flax_partitioning
 from t5x import decoding as t5x_decoding
-from t5x import models as t5x_models
 from t5x import metrics as t5x_metrics
+from t5x import models as t5x_models
 
 from mhr_jax import losses, models, train_step
 from mhr_jax.adapters import AdapterConfig
