@@ -10,7 +10,9 @@ Submodules (import them directly; gin files name them):
   models        `MhrEncoderDecoderModel`, a `t5x.models.EncoderDecoderModel` that passes task ids
   partitioning  the project's adapter / activation logical axes added to T5X's standard rules
   optim         freezing and two-speed learning rates as a T5X optimizer; a trainer that logs them
-  tasks         SeqIO registration for T5X (the `task_ids` output feature, eval metrics)
+  tasks         SeqIO registration for T5X (the `task_ids` output feature, eval metrics) and the
+                answer-choice training batches of T-Few adaptation
+  selection     best-on-dev model selection (a T5X action and checkpoint manager)
   checkpoints   T5X checkpoints <-> the project's run checkpoints; initial checkpoints for
                 fine-tuning (Hugging Face weights, few-shot adaptation from a pre-training run)
 """

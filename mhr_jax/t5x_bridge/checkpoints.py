@@ -24,7 +24,7 @@ optimizer state at step 0:
 
 Command line (the model comes from the gin files of the T5X run):
   python -m mhr_jax.t5x_bridge.checkpoints --to=run --gin_file=configs/mhr.gin \
-    --t5x_checkpoint=/tmp/mhr_t5x/checkpoint_20 --run_dir=/tmp/mhr_run
+    --gin.MODEL_DIR="'/tmp/mhr_t5x'" --t5x_checkpoint=/tmp/mhr_t5x/checkpoint_20 --run_dir=/tmp/mhr_run
   python -m mhr_jax.t5x_bridge.checkpoints --to=t5x --gin_file=configs/mhr.gin \
     --run_dir=/tmp/mhr_run --t5x_dir=/tmp/mhr_t5x_again
 """
@@ -45,14 +45,16 @@ from t5x import partitioning as t5x_partitioning
 from t5x import train_state as t5x_train_state
 from t5x import utils as t5x_utils
 
-from mhr_jax import models, partitioning
-from mhr_jax.training import optim, train_step
+from mhr_jax import cli, models, partitioning
 from mhr_jax.checkpoints import run_state as run_checkpoints
+from mhr_jax.training import optim, train_step
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.adapters import transforms
+from mhr_jax.checkpoints.packing import path_tokens
 from mhr_jax.checkpoints import hf_t5
+from mhr_jax.errors import RunError
 from mhr_jax.t5x_bridge import partitioning as bridge_partitioning
-from mhr_jax.t5x_bridge.optim import MhrOptimizer, _path_names
+from mhr_jax.t5x_bridge.optim import MhrOptimizer
 
 _STEP_DIR = re.compile(r"checkpoint_(\d+)$")
 _DUMMY_SHAPES = {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}
@@ -124,11 +126,11 @@ def train_state_from_params(model, params, step: int = 0, param_states=None):
   variables = flax.core.freeze({"params": jax.tree.map(jnp.asarray, flax.core.unfreeze(params)),
                                 "params_axes": axes})
   state = t5x_train_state.FlaxOptimTrainState.create(model.optimizer_def, variables)
-  optimizer = state._optimizer  # pylint: disable=protected-access
-  opt_state = optimizer.state.replace(step=jnp.asarray(step, jnp.int32))
+  state_dict = state.state_dict()
+  state_dict["state"]["step"] = jnp.asarray(step, jnp.int32)
   if param_states is not None:
-    opt_state = opt_state.replace(param_states=param_states)
-  return state.replace(_optimizer=optimizer.replace(state=opt_state))
+    state_dict["state"]["param_states"] = flax.serialization.to_state_dict(param_states)
+  return state.restore_state(state_dict)
 
 
 def save_t5x(train_state, model_dir: str, partitioner=None) -> str:
@@ -167,7 +169,7 @@ def read_t5x_params(path: str, step: int | None = None) -> dict:
 # ------------------------------------------------------------------------- optimizer states
 
 def _by_path(tree) -> dict[tuple[str, ...], Any]:
-  return {_path_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {tuple(path_tokens(path)): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def convert_opt_state(source, target):
@@ -178,7 +180,7 @@ def convert_opt_state(source, target):
   """
   src = _by_path(source)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-  dst = [_path_names(path) for path, _ in leaves]
+  dst = [tuple(path_tokens(path)) for path, _ in leaves]
   missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
   if missing or extra:
     show = lambda paths: ["/".join(p) for p in paths[:4]]  # noqa: E731
@@ -349,60 +351,84 @@ def _unused_entry_point(**kwargs):
   raise RuntimeError("only the MODEL of these gin files is used here")
 
 
-def load_gin_model(gin_files, gin_bindings=()):
-  """Parses a T5X run's gin files (as t5x.train does from the repository root) and builds MODEL."""
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SEARCH_PATHS: set[str] = set()
+
+
+def _add_search_paths(paths) -> None:
+  """Adds gin search paths once each (gin keeps them for the life of the process)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  for path in paths:
+    if path not in _SEARCH_PATHS:
+      _SEARCH_PATHS.add(path)
+      gin.add_config_file_search_path(path)
+
+
+def _find_gin_file(path: str, search_paths) -> str:
+  """A gin file's absolute path: `path` itself when absolute, else the first of the current directory,
+  `search_paths` and the repository root that holds it (gin's own lookup of a relative name fails
+  on `configs/`, a namespace package)."""
+  prefixes = [os.getcwd(), *search_paths, _REPO_ROOT]
+  for prefix in prefixes:
+    candidate = os.path.join(prefix, path)
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise ValueError(f"--gin_file={path}: not found (searched {prefixes})")
+
+
+def load_gin_model(gin_files, gin_bindings=(), search_paths=()):
+  """Parses a T5X run's gin files and bindings and builds its MODEL.
+
+  Files resolve against the current directory, `search_paths` and the repository root; `include`
+  lines as in `t5x.train` (configs/t5x/ and t5x/configs/ are packages), or under the search paths.
+  """
   import gin  # pylint: disable=g-import-not-at-top
   import importlib  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  gin.add_config_file_search_path(
-      os.path.dirname(os.path.dirname(os.path.abspath(t5x_checkpoints.__file__))))
-  files = [os.path.abspath(f) for f in gin_files]
+  files = [_find_gin_file(path, search_paths) for path in gin_files]
+  _add_search_paths([*search_paths, _REPO_ROOT])
   gin.clear_config()
   # The run files bind `__main__.train` (t5x.train's entry point): give this process one.
   main_module = sys.modules["__main__"]
   for name in ("train", "evaluate"):
     if not hasattr(main_module, name):
       setattr(main_module, name, _unused_entry_point)
-  cwd = os.getcwd()
-  os.chdir(repo)   # the run files include each other relative to the repository root
-  try:
-    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
-    gin.parse_config(["from __gin__ import dynamic_registration",
-                      "from mhr_jax.t5x_bridge import checkpoints as _bridge_checkpoints",
-                      "_bridge_checkpoints.model_from_gin.model = %MODEL"])
-  finally:
-    os.chdir(cwd)
+  gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
+  gin.parse_config(["from __gin__ import dynamic_registration",
+                    "from mhr_jax.t5x_bridge import checkpoints as _bridge_checkpoints",
+                    "_bridge_checkpoints.model_from_gin.model = %MODEL"])
   # By module name: under `python -m` this file is also __main__, which gin did not register.
   return gin.get_configurable(importlib.import_module(__spec__.name).model_from_gin)()
 
 
+def _convert(args) -> int:
+  if args.to == "run" and not args.t5x_checkpoint:
+    raise RunError("--to=run needs --t5x_checkpoint")
+  if args.to == "t5x" and not args.t5x_dir:
+    raise RunError("--to=t5x needs --t5x_dir")
+  try:
+    model = load_gin_model(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    if args.to == "run":
+      step = t5x_to_run(args.t5x_checkpoint, model, args.run_dir, args.step)
+      print(f"wrote {os.path.join(args.run_dir, 'checkpoints', str(step))}")
+    else:
+      print(f"wrote {run_to_t5x(args.run_dir, model, args.t5x_dir, args.step)}")
+  except (OSError, ValueError) as e:   # gin's errors and the conversions' checks: one line
+    raise RunError(str(e)) from None
+  return 0
+
+
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog="python -m mhr_jax.t5x_bridge.checkpoints",
-      description="Convert between T5X checkpoints and the project's run checkpoints.")
+  """Command line, with the project's flags: --gin_file, --gin_search_paths, --gin.KEY=VALUE,
+  --gin_bindings (the T5X run's gin files give the model and the optimizer)."""
+  parser = cli.flag_parser("python -m mhr_jax.t5x_bridge.checkpoints",
+                           "Convert between T5X checkpoints and the project's run checkpoints.")
   parser.add_argument("--to", choices=("run", "t5x"), required=True)
-  parser.add_argument("--gin_file", action="append", required=True,
-                      help="the T5X run's gin file(s), for the model and optimizer")
-  parser.add_argument("--gin", dest="gin_bindings", action="append", default=[],
-                      help="a gin binding, e.g. TRAIN_STEPS=40 (as --gin.KEY=VALUE of t5x.train)")
   parser.add_argument("--t5x_checkpoint", help="--to=run: checkpoint_<step> or MODEL_DIR (latest)")
   parser.add_argument("--run_dir", required=True, help="the project's run directory")
   parser.add_argument("--t5x_dir", help="--to=t5x: the T5X MODEL_DIR to write checkpoint_<step> in")
   parser.add_argument("--step", type=int, default=None)
-  args = parser.parse_args(argv)
-  model = load_gin_model(args.gin_file, args.gin_bindings)
-  if args.to == "run":
-    if not args.t5x_checkpoint:
-      parser.error("--to=run needs --t5x_checkpoint")
-    step = t5x_to_run(args.t5x_checkpoint, model, args.run_dir, args.step)
-    print(f"wrote {os.path.join(args.run_dir, 'checkpoints', str(step))}")
-  else:
-    if not args.t5x_dir:
-      parser.error("--to=t5x needs --t5x_dir")
-    print(f"wrote {run_to_t5x(args.run_dir, model, args.t5x_dir, args.step)}")
-  return 0
+  return cli.main(parser, _convert, argv)
 
 
 if __name__ == "__main__":

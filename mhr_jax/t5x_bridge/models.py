@@ -10,6 +10,12 @@ module runs:
   score_batch             `stop_gradient` in the loss, so T5X does not differentiate the base
   predict_batch           encode, the cache-building call and every decoder step (beam-expanded)
 
+The loss is T5X's token cross-entropy by default. With `loss_config` it is instead the project's
+objective `train_step.OBJECTIVES[loss_config.kind]`, the very function the project's trainer
+differentiates: "tfew" trains few-shot T0 on answer-choice batches (decoder features (B, C, Lt),
+`labels` (B,); `t5x_bridge.tasks.choice_train_dataset` makes them) with T-Few's LM + length-normalised
+choice cross-entropy + unlikelihood loss.
+
 Which parameters are frozen comes from the optimizer (`t5x_bridge.optim.MhrOptimizer`), so the model
 and the updates cannot disagree.
 
@@ -30,8 +36,10 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.linen import partitioning as flax_partitioning
 from t5x import decoding as t5x_decoding
+from t5x import metrics as t5x_metrics
 from t5x import models as t5x_models
 
+from mhr_jax.training import losses, train_step
 from mhr_jax import models
 from mhr_jax.adapters import AdapterConfig
 from mhr_jax.adapters.layers import check_task_ids
@@ -88,12 +96,15 @@ class MhrEncoderDecoderModel(t5x_models.EncoderDecoderModel):
   Args: as `t5x.models.EncoderDecoderModel`; `module` must be a `mhr_jax.models.T5`.
   `feature_converter_cls` defaults to `features.TaskIdsFeatureConverter` bound to the module's
   n_tasks. Batches carry `task_ids` (B,) int32 next to T5X's usual features.
+  loss_config: None for T5X's loss (label_smoothing, z_loss, loss_normalizing_factor), or a
+    `losses.LossConfig` for the project's objective of that kind (which normalises itself:
+    label_smoothing and z_loss must then be 0, loss_normalizing_factor is not used).
   """
 
   def __init__(self, module: models.T5, input_vocabulary, output_vocabulary, optimizer_def,
                decode_fn=t5x_decoding.beam_search, feature_converter_cls=None,
                label_smoothing: float = 0.0, z_loss: float = 0.0, loss_normalizing_factor=None,
-               default_decoder_params=None):
+               default_decoder_params=None, loss_config: losses.LossConfig | None = None):
     if not isinstance(module, models.T5):
       raise TypeError(f"MhrEncoderDecoderModel: module must be a mhr_jax.models.T5, got "
                       f"{type(module).__name__}")
@@ -104,6 +115,10 @@ class MhrEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     if input_vocabulary.vocab_size > module.config.vocab_size:
       raise ValueError(f"the vocabulary has {input_vocabulary.vocab_size} ids but the model's "
                        f"vocab_size is {module.config.vocab_size}")
+    if loss_config is not None and (label_smoothing or z_loss):
+      raise ValueError(f"MhrEncoderDecoderModel: label_smoothing={label_smoothing} and z_loss={z_loss} "
+                       "belong to T5X's loss; with loss_config use LossConfig.label_smoothing")
+    self.loss_config = loss_config
     if feature_converter_cls is None:
       feature_converter_cls = functools.partial(
           features.TaskIdsFeatureConverter,
@@ -135,9 +150,14 @@ class MhrEncoderDecoderModel(t5x_models.EncoderDecoderModel):
 
   def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Any],
                             input_types: Mapping[str, Any] | None = None):
-    """{'params': unboxed params, 'params_axes': their logical axis names} (FrozenDicts)."""
+    """{'params': unboxed params, 'params_axes': their logical axis names} (FrozenDicts).
+
+    input_shapes: encoder_input_tokens (B, Li); decoder_input_tokens (B, Lt), or (B, C, Lt) for
+    answer-choice batches.
+    """
     del input_types  # parameter shapes do not depend on the inputs' dtypes
-    enc_shape, dec_shape = input_shapes["encoder_input_tokens"], input_shapes["decoder_input_tokens"]
+    enc_shape = input_shapes["encoder_input_tokens"]
+    dec_shape = (enc_shape[0], input_shapes["decoder_input_tokens"][-1])
     task_ids = None
     if self.config.adapter.uses_task_ids:
       task_ids = jnp.zeros(enc_shape[:1], jnp.int32)
@@ -176,7 +196,26 @@ class MhrEncoderDecoderModel(t5x_models.EncoderDecoderModel):
 
   def loss_fn(self, params: PyTree, batch: Mapping[str, jnp.ndarray],
               dropout_rng: jax.Array | None):
-    return super().loss_fn(self._stop_frozen_gradients(params), batch, dropout_rng)
+    """(scalar loss, T5X metrics); dropout (and Gumbel routing noise) when dropout_rng is given."""
+    params = self._stop_frozen_gradients(params)
+    if self.loss_config is None:
+      return super().loss_fn(params, batch, dropout_rng)
+    return self._objective_loss(params, batch, dropout_rng)
+
+  def _objective_loss(self, params, batch, dropout_rng):
+    """The project's objective: sum over its terms of (term sum / term count) over the batch."""
+    objective = train_step.OBJECTIVES[self.loss_config.kind]
+    batch = {**batch, "task_ids": self._task_ids(batch)}  # None: the module takes no task ids
+    train = dropout_rng is not None
+    sums = objective.sums(self.module, params, batch,
+                          dropout_rng if train else jax.random.key(0), train, self.loss_config)
+    counts = objective.counts(batch, self.loss_config)
+    loss = losses.combine_terms(sums, counts)
+    metrics = {"loss": t5x_metrics.AveragePerStep(total=loss)}
+    if len(sums) > 1:
+      metrics.update({f"loss/{name}": t5x_metrics.AveragePerStep(
+          total=sums[name] / jnp.maximum(counts[name], 1e-9)) for name in sums})
+    return loss, metrics
 
   # -------------------------------------------------------------------------- decoding
 
@@ -184,7 +223,8 @@ class MhrEncoderDecoderModel(t5x_models.EncoderDecoderModel):
                         prefill_decoder_prompt: bool = False, task_ids=None):
     """A zeroed KV cache for (B, Lmax) decoding; the module's first decode call defines it."""
     if prefill_decoder_prompt:
-      raise NotImplementedError("models.T5 has no prefill mode: prompt_with_targets is unsupported")
+      raise NotImplementedError("models.T5 has no prefill mode; prompts are decoded token by token "
+                                "(predict_batch_with_aux(prompt_with_targets=True))")
 
     def build():
       _, variables = self.module.apply(
@@ -212,12 +252,15 @@ class MhrEncoderDecoderModel(t5x_models.EncoderDecoderModel):
                              prompt_with_targets: bool = False):
     """T5X's predict_batch_with_aux with task ids; see `t5x.models.EncoderDecoderModel`.
 
+    With `prompt_with_targets` the batch's decoder_input_tokens (B, Lmax) (BOS 0, the prompt, EOS
+    dropped) are a forced prefix: the decoders feed them one step at a time and keep them in the
+    output, as T5X does for any module without a prefill mode (models.T5 has none: the same tokens,
+    one cached decoder step per prompt token instead of one pass over the prompt).
+
     Returns:
       (decodes (B, Lmax), {"scores": (B,)}), or with return_all_decodes (B, num_decodes, Lmax) and
       (B, num_decodes), beams sorted by increasing log-probability.
     """
-    if prompt_with_targets:
-      raise NotImplementedError("models.T5 has no prefill mode: prompt_with_targets is unsupported")
     if return_all_decodes is None:
       return_all_decodes = self._default_decoder_params.return_all_decodes
     if num_decodes is None:
@@ -244,8 +287,11 @@ class MhrEncoderDecoderModel(t5x_models.EncoderDecoderModel):
         raise ValueError("got an RNG both as `rng` and as decoder_params['decode_rng']")
       decoder_params["decode_rng"] = rng
     decoder_params.setdefault("eos_id", self.output_vocabulary.eos_id or 1)
+    prompt = jnp.zeros_like(decoder_input_tokens)
+    if prompt_with_targets:
+      prompt = decoder_input_tokens * (decoder_input_tokens != self.output_vocabulary.eos_id)
     decodes, scores = self._decode_fn(
-        inputs=jnp.zeros_like(decoder_input_tokens), cache=cache, tokens_to_logits=tokens_to_logits,
+        inputs=prompt, cache=cache, tokens_to_logits=tokens_to_logits,
         num_decodes=num_decodes, cache_offset=0, **decoder_params)
     if return_all_decodes:
       return decodes, {"scores": scores}

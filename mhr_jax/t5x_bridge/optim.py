@@ -35,19 +35,16 @@ from t5x import trainer as t5x_trainer
 
 from mhr_jax.training import optim
 from mhr_jax.adapters import params as param_groups
+from mhr_jax.checkpoints.packing import path_tokens
 
 Rules = Sequence[tuple[str, str]]
-
-
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def labels_like(params, rules: Rules) -> Any:
   """The group of every leaf of `params` (adapters.params.param_labels), in params' own containers."""
   labels = traverse_util.flatten_dict(param_groups.param_labels(flax.core.unfreeze(params), rules))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  return treedef.unflatten([labels[_path_names(path)] for path, _ in leaves])
+  return treedef.unflatten([labels[tuple(path_tokens(path))] for path, _ in leaves])
 
 
 def update_routing_rows_from(first_row: int) -> optax.GradientTransformation:
@@ -59,8 +56,7 @@ def update_routing_rows_from(first_row: int) -> optax.GradientTransformation:
     del params
 
     def one(path, u):
-      names = _path_names(path)
-      if names[-2:] != ("routing", "logits") or isinstance(u, optax.MaskedNode):
+      if tuple(path_tokens(path)[-2:]) != ("routing", "logits") or isinstance(u, optax.MaskedNode):
         return u
       keep = (jnp.arange(u.shape[0]) >= first_row).astype(u.dtype)
       return u * keep.reshape((-1,) + (1,) * (u.ndim - 1))
@@ -180,10 +176,15 @@ class MhrTrainer(t5x_trainer.Trainer):
 
   `learning_rate_fn` is optional: MhrOptimizer schedules its own rates, so T5X's single
   `learning_rate` metric is replaced by `learning_rate/<group>` (adapters, routing, base).
+  A model with the project's objective (`loss_config`) trains without microbatches: the objective
+  normalises each term over the whole batch, which T5X's per-microbatch losses would not.
   """
 
   def __init__(self, model, train_state, partitioner, eval_names, summary_dir, train_state_axes,
                rng, learning_rate_fn=None, num_microbatches=None, weight_metrics_computer=None):
+    if getattr(model, "loss_config", None) is not None and (num_microbatches or 1) > 1:
+      raise ValueError(f"Trainer.num_microbatches={num_microbatches}: the model's loss_config "
+                       f"(kind {model.loss_config.kind!r}) needs whole batches; use 1 or None")
     super().__init__(model=model, train_state=train_state, partitioner=partitioner,
                      eval_names=eval_names, summary_dir=summary_dir,
                      train_state_axes=train_state_axes, rng=rng,

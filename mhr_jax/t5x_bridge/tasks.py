@@ -16,9 +16,13 @@ inference evaluation:
 `registered(...)` does all of it from gin and returns the name T5X should read:
     MIXTURE_OR_TASK_NAME = @t5x_bridge.tasks.registered()
     t5x_bridge.tasks.registered.source = 'synthetic'
+
+Few-shot T0 training with the T-Few loss reads answer-choice batches, not rows:
+`choice_train_dataset` is T5X's `get_dataset_fn` for them (the project trainer's batches).
 """
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 
@@ -26,6 +30,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mhr_jax.adapters.layers import check_task_ids
 from mhr_jax.data import pipeline as data
 from mhr_jax.evaluation import metrics
 from mhr_jax.t5x_bridge.features import TASK_IDS_FEATURE, task_ids_as_vector
@@ -87,6 +92,55 @@ def expand_choices(ds: tf.data.Dataset) -> tf.data.Dataset:
         "example_index": repeat(ex["example_index"]), "label": repeat(ex["label"]),
         "choice_index": tf.range(n, dtype=tf.int32)})
   return ds.flat_map(rows)
+
+
+# ------------------------------------------------------------------------ T-Few training data
+
+CHOICE_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                   "decoder_loss_weights", "task_ids", "labels")
+
+
+def choice_train_dataset(cfg, shard_id: int, num_shards: int,
+                         feature_converter_cls) -> tf.data.Dataset:
+  """T5X `get_dataset_fn` for T-Few training: answer-choice batches, as the project's trainer reads
+  them (`data.choice_train_batches`, the same examples in the same order for the same seed).
+
+  For gin: `train_script.train.get_dataset_fn = @bridge_tasks.choice_train_dataset`, with a model
+  whose loss_config has kind 'tfew'. From `cfg` (t5x.utils.DatasetConfig): mixture_or_task_name
+  (e.g. every template of a held-out T0 dataset), split (train_k<shots>_seed<s>), batch_size
+  (global), task_feature_lengths {'inputs': Li, 'targets': Lt}, seed (of the reshuffle every epoch;
+  None: 0); pack must be False. This host takes every num_shards-th example of each epoch. The task
+  ids are checked against the n_tasks that T5X's `feature_converter_cls` (the model's) carries.
+
+  Returns an endless dataset of host batches (B = batch_size // num_shards, C = the most answer
+  choices of an example): encoder_input_tokens (B, Li); decoder_input_tokens, decoder_target_tokens
+  (B, C, Lt) int32; decoder_loss_weights (B, C, Lt) float32 (0 for an absent choice); task_ids,
+  labels (B,) int32.
+  """
+  where = f"choice_train_dataset({cfg.mixture_or_task_name!r}, split {cfg.split!r})"
+  if cfg.pack:
+    raise ValueError(f"{where}: answer-choice batches are not packed; set "
+                     "train/utils.DatasetConfig.pack = False")
+  if cfg.batch_size % num_shards:
+    raise ValueError(f"{where}: batch_size={cfg.batch_size} does not split over {num_shards} hosts")
+  lengths = dict(cfg.task_feature_lengths or {})
+  if not {"inputs", "targets"} <= set(lengths):
+    raise ValueError(f"{where}: task_feature_lengths must give 'inputs' and 'targets', got {lengths}")
+  n_tasks = feature_converter_cls(pack=False).n_tasks
+  batches = data.choice_train_batches(
+      cfg.mixture_or_task_name, cfg.split, cfg.batch_size // num_shards, lengths["inputs"],
+      lengths["targets"], seed=0 if cfg.seed is None else cfg.seed, shard_index=shard_id,
+      num_shards=num_shards)
+
+  def checked(batch):
+    if n_tasks is not None:   # inside jit an id past the routing table would take its last row
+      check_task_ids(batch["task_ids"], n_tasks)
+    return {k: batch[k] for k in CHOICE_FEATURES}
+
+  first = checked(next(batches))
+  spec = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in first.items()}
+  stream = itertools.chain([first], map(checked, batches))
+  return tf.data.Dataset.from_generator(lambda: stream, output_signature=spec)
 
 
 # -------------------------------------------------------------------------------- registration
