@@ -504,21 +504,28 @@ def param_rules(cfg: ExperimentConfig) -> list[tuple[str, str]]:
   return list(methods.pretraining_rules(cfg.model.adapter.kind))
 
 
-def build_mesh(cfg: ExperimentConfig):
-  """The device mesh, and a check that the global batch splits over its batch axes and processes."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from mhr_jax import partitioning  # pylint: disable=g-import-not-at-top
+def mesh_plan(cfg: ExperimentConfig, devices: int, processes: int, local_devices: int) -> dict[str, Any]:
+  """The mesh a run of `cfg` builds on `processes` processes with `devices` devices in all (`local_devices`
+  each), checked before any device is touched; ConfigError names the key that does not fit.
+
+  Pre-training (and the base) spans every device; few-shot adaptation on several processes builds one mesh
+  per process over its own devices, each adapting its own pairs. Returns {"data", "fsdp", "model": sizes,
+  "over": "all devices" | "each process's devices"}.
+  """
+  per_process = cfg.run.mode == "adapt" and processes > 1
+  n = local_devices if per_process else devices
+  where = f"each process's {local_devices} devices" if per_process else f"{devices} devices"
   try:
-    mesh = partitioning.make_mesh(cfg.mesh)
+    data, fsdp, model = cfg.mesh.resolve(n)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  axes = f"(MeshConfig.data x MeshConfig.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})"
+    raise ConfigError(f"{e} (the mesh spans {where})") from None
+  shards = data * fsdp
+  axes = f"(MeshConfig.data x MeshConfig.fsdp = {data} x {fsdp}, over {where})"
   batch, accum = cfg.data.batch_size, cfg.optimizer.grad_accum_steps
   if batch % shards:
     raise ConfigError(f"DataConfig.batch_size={batch} is not divisible by the mesh batch axes {axes}")
-  if cfg.run.mode == "pretrain" and batch % jax.process_count():  # adaptation spreads pairs, not rows
-    raise ConfigError(f"DataConfig.batch_size={batch} is not divisible by the {jax.process_count()} processes")
+  if cfg.run.mode == "pretrain" and batch % processes:  # adaptation spreads pairs, not rows
+    raise ConfigError(f"DataConfig.batch_size={batch} is not divisible by the {processes} processes")
   eval_batch = cfg.adapt.eval_batch_size
   if cfg.run.mode == "adapt" and eval_batch and eval_batch % shards:
     raise ConfigError(f"AdaptConfig.eval_batch_size={eval_batch} is not divisible by the mesh batch axes {axes}")
@@ -526,7 +533,18 @@ def build_mesh(cfg: ExperimentConfig):
     raise ConfigError(
         f"OptimizerConfig.grad_accum_steps={accum}: DataConfig.batch_size={batch} must split into "
         f"{accum} micro-batches that divide over the {shards} mesh batch shards")
-  return mesh
+  return {"data": data, "fsdp": fsdp, "model": model,
+          "over": "each process's devices" if per_process else "all devices"}
+
+
+def build_mesh(cfg: ExperimentConfig):
+  """The device mesh of a run (`mesh_plan`, checked first): over all devices, or over this process's own
+  devices for few-shot adaptation on several processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mhr_jax import partitioning  # pylint: disable=g-import-not-at-top
+  plan = mesh_plan(cfg, jax.device_count(), jax.process_count(), jax.local_device_count())
+  local = plan["over"] != "all devices"
+  return partitioning.make_mesh(cfg.mesh, devices=jax.local_devices() if local else None)
 
 
 def _sections_of(cfg: ExperimentConfig) -> dict[str, Any]:

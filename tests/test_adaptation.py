@@ -228,10 +228,12 @@ def test_fresh_adapter_on_a_plain_base(kind):
 
 
 class _MemoryResume:
-  """adaptation.Resume in memory; `crash_at` (group, step) raises after that save, as a kill would."""
+  """adaptation.Resume in memory; `crash_at` (group, step) raises after that save, as a kill would;
+  `stop_at` (a step id) is when a SIGTERM's stop is requested (then the save raises, as fewshot's does)."""
 
-  def __init__(self, every, crash_at=None):
+  def __init__(self, every, crash_at=None, stop_at=None):
     self.every, self.crash_at, self.saved, self.saves = every, crash_at, None, []
+    self.stop_at, self.asked = stop_at, []
 
   def restore(self, target):
     if self.saved is None:
@@ -245,9 +247,12 @@ class _MemoryResume:
     self.saves.append((group, step))
     if (group, step) == self.crash_at:
       raise KeyboardInterrupt("simulated kill")
+    if self.asked and self.asked[-1] == self.stop_at:
+      raise SystemExit("stopped")
 
-  def stop_requested(self):
-    return False
+  def stop_requested(self, step_id):
+    self.asked.append(step_id)
+    return step_id == self.stop_at
 
 
 @pytest.mark.parametrize("method,crash_at", [("mhr", (0, 2)), ("full", (1, 2))])
@@ -272,6 +277,24 @@ def test_resume_continues_exactly(method, crash_at):
   np.testing.assert_array_equal(again.best_step, whole.best_step)
   for a, b in zip(jax.tree.leaves(again.trainable), jax.tree.leaves(whole.trainable)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_process_with_fewer_pairs_asks_at_every_step_of_the_others():
+  """With several processes, JAX's preemption sync point wants the same step ids from each: a process that
+  adapts one pair one after another where another process has three keeps asking through the steps of the
+  two missing groups, and a stop requested there saves its (finished) state at that step."""
+  cfg = CFG.replace(adapter=AdapterConfig())
+  params, keys = _params(cfg), jax.random.split(jax.random.key(4), 1)
+  batches = _pair_batches(1, 3, seed=13)
+  resume = _MemoryResume(every=100)
+  adaptation.adapt("full", cfg, params, OPT_CFG, losses.LossConfig(), lambda s: batches[s], keys, 3,
+                   resume=resume, sync_groups=3)
+  assert resume.asked == list(range(1, 10)) and resume.saves == [(0, 3)]
+  stopped = _MemoryResume(every=100, stop_at=8)
+  with pytest.raises(SystemExit):
+    adaptation.adapt("full", cfg, params, OPT_CFG, losses.LossConfig(), lambda s: batches[s], keys, 3,
+                     resume=stopped, sync_groups=3)
+  assert stopped.asked == list(range(1, 9)) and stopped.saves == [(0, 3), (2, 2)]
 
 
 def test_select_callback_keeps_each_pairs_best_step():

@@ -250,6 +250,26 @@ def test_bad_config_is_one_line_before_anything_is_written(config_file, tmp_path
   assert not model_dir.exists()
 
 
+def test_every_stage_mesh_is_checked_before_anything_runs(config_file, tmp_path, capsys):
+  """Planned for a 4-host slice of 16 devices: the pre-training stages span all 16, adaptation each host's 4
+  (pairs are spread over the hosts); a mesh that only fits all 16 is refused for the adaptation stages by
+  name, before anything is written."""
+  model_dir = tmp_path / "run"
+  flags = [f"--gin_file={config_file}", f"--gin.MODEL_DIR='{model_dir}'", "--dry_run", "--devices=16",
+           "--processes=4", "--gin.MeshConfig.data=4", "--gin.MeshConfig.fsdp=2", "--gin.MeshConfig.model=2",
+           "--gin.adapt/MeshConfig.data=1"]
+  assert experiment.main(flags) == 0
+  err = capsys.readouterr().err
+  assert "4 processes, 16 devices" in err
+  assert f"{model_dir}/pretrain/mhr, 3 steps, mesh data=4 fsdp=2 model=2 over all devices" in err
+  assert f"{model_dir}/adapt/mhr-z, 2 steps, mesh data=1 fsdp=2 model=2 over each process's devices" in err
+  assert experiment.main(flags[:-1]) == cli.EXIT_CONFIG_ERROR
+  (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert line.startswith("error: stage zeroshot/base: MeshConfig {'data': 4, 'fsdp': 2, 'model': 2}: ")
+  assert "(the mesh spans each process's 4 devices)" in line
+  assert not model_dir.exists()
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(config_file, tmp_path, capsys):
   model_dir = tmp_path / "run"
   assert experiment.main([f"--gin_file={config_file}", f"--gin.MODEL_DIR='{model_dir}'", "--dry_run"]) == 0

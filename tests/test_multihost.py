@@ -3,6 +3,7 @@ the tiny config trains to the same per-step losses (the same 4-device mesh), the
 same scores and tokens, and few-shot adaptation spread over the processes gives the same per-pair results."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,11 +11,12 @@ import sys
 import numpy as np
 import pytest
 
+from mhr_jax import cli
 from mhr_jax import config as config_lib
 
 REPO = config_lib.REPO_ROOT
 STEPS = 3
-
+HANG_GUARD_S = 1800  # only against a hung run
 
 def _free_port() -> int:
   with socket.socket() as s:
@@ -35,26 +37,31 @@ def _losses(model_dir):
 
 
 def _one_process(env, command):
-  single = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+  single = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   assert single.returncode == 0, single.stderr[-3000:]
   return single
 
 
-def _two_processes(env, command_of_process):
-  """Runs command_of_process(i, port) for i = 0, 1 with 2 devices each; returns their stderr."""
+def _processes(env, command_of_process, n=2, expected=0):
+  """Runs command_of_process(i, port) for i < n with 2 devices each; returns their stderr, each process having
+  ended with status `expected`."""
   port = _free_port()
   procs = [subprocess.Popen(command_of_process(i, port), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
                             env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-           for i in range(2)]
+           for i in range(n)]
   errs = []
   for proc in procs:
-    _, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
     errs.append(err)
   for proc, err in zip(procs, errs):
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == expected, err[-3000:]
   return errs
+
+
+def _two_processes(env, command_of_process):
+  return _processes(env, command_of_process)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +117,7 @@ def test_adaptation_pairs_spread_over_processes(env, tmp_path, single_run):
 
   single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
   single = subprocess.run(adapt(single_dir), cwd=REPO, env=two_devices, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_GUARD_S)
   assert single.returncode == 0, single.stderr[-3000:]
   errs = _two_processes(env, lambda i, port: adapt(
       multi_dir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"))
@@ -128,3 +135,110 @@ def test_adaptation_pairs_spread_over_processes(env, tmp_path, single_run):
          open(os.path.join(multi_dir, "pairs", f"{i:04d}.json")) as g:
       assert json.load(f)["predictions"] == json.load(g)["predictions"]
   assert sorted(os.listdir(os.path.join(multi_dir, "resume"))) == ["process_0", "process_1"]
+
+
+# `python -m mhr_jax.train ARGS` whose process WHO sends itself SIGTERM when adaptation asks whether to stop
+# at step id AT: the signal lands at that step whatever the machine's speed.
+SIGTERM_AT_STEP = """
+import os, runpy, signal, sys
+import jax
+from mhr_jax.stages import fewshot
+at, who = int(sys.argv[1]), int(sys.argv[2])
+ask = fewshot._OrbaxResume.stop_requested
+
+def signal_then_ask(self, step_id):
+  if step_id == at and jax.process_index() == who:
+    os.kill(os.getpid(), signal.SIGTERM)
+  return ask(self, step_id)
+
+fewshot._OrbaxResume.stop_requested = signal_then_ask
+sys.argv = ["mhr_jax.train", *sys.argv[3:]]
+runpy.run_module("mhr_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_sigterm_to_one_process_stops_every_process_at_one_step(env, tmp_path, single_run):
+  """Few-shot adaptation spread over two processes: SIGTERM reaching process 1 alone after step 2 makes both
+  save at step 2 and exit 143; the same command then finishes both with the results of an uninterrupted
+  two-process run."""
+  pretrain_dir = single_run[0]
+
+  def adapt(model_dir, port, i):
+    return ["-m", "mhr_jax.train", "--gin_file=configs/adapt/tiny.gin", f"--gin.PRETRAIN_DIR='{pretrain_dir}'",
+            f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=12", "--gin.RunConfig.checkpoint_every=100",
+            "--gin.AdaptConfig.seeds=(13,)", "--gin.AdaptConfig.evaluate=False",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+
+  whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+  _processes(env, lambda i, port: [sys.executable, *adapt(whole, port, i)])
+  errs = _processes(env, lambda i, port: [sys.executable, "-c", SIGTERM_AT_STEP, "2", "1",
+                                          *adapt(stopped, port, i)[2:]], expected=cli.EXIT_PREEMPTED)
+  saved = [re.search(r"adaptation state saved at pair group 0, step (\d+)", err) for err in errs]
+  assert all(saved), errs[0][-2000:]
+  assert [int(s.group(1)) for s in saved] == [2, 2]
+  assert not os.path.exists(os.path.join(stopped, "results.json"))
+  _processes(env, lambda i, port: [sys.executable, *adapt(stopped, port, i)])
+  with open(os.path.join(whole, "results.json")) as f, open(os.path.join(stopped, "results.json")) as g:
+    one, two = json.load(f), json.load(g)
+  assert [p["task"] for p in two["pairs"]] == [p["task"] for p in one["pairs"]]
+  for a, b in zip(one["pairs"], two["pairs"]):
+    assert b["final_loss"] == a["final_loss"]
+
+
+POD_EXPERIMENT = """
+include 'configs/models/tiny.gin'
+MODEL_DIR = %gin.REQUIRED
+Experiment.model_dir = %MODEL_DIR
+Experiment.pretrain = ('mhr',)
+Experiment.adapt = ('mhr', 'mhr-z')
+Experiment.controls = ()
+Experiment.zero_shot = ('base',)
+Experiment.analysis = False
+DataConfig.source = 'synthetic'
+DataConfig.task = 'synthetic_train'
+DataConfig.synthetic_train_tasks = 4
+DataConfig.synthetic_test_tasks = 2
+DataConfig.synthetic_instances = 110
+DataConfig.batch_size = 8
+DataConfig.input_len = 32
+DataConfig.target_len = 16
+AdapterConfig.n_tasks = 4
+AdapterConfig.n_skills = 2
+AdapterConfig.n_splits = 2
+OptimizerConfig.name = 'adamw'
+OptimizerConfig.warmup_steps = 0
+RunConfig.model_dir = %MODEL_DIR
+RunConfig.log_every = 1
+RunConfig.checkpoint_every = 100
+base/RunConfig.train_steps = 2
+pretrain/RunConfig.train_steps = 2
+adapt/RunConfig.train_steps = 2
+adapt/AdaptConfig.shots = 4
+adapt/AdaptConfig.seeds = (13, 42)
+adapt/MeshConfig.data = 1
+"""
+
+
+def test_a_pod_simulated_on_cpu_gives_the_table_of_one_process(env, tmp_path):
+  """The experiment as on a pod: 4 processes over gloo with 2 devices each, pre-training on one mesh over all
+  8 devices and adaptation on each process's 2 (pairs spread over the processes), gives the same table as
+  one process with 8 devices."""
+  config = tmp_path / "pod.gin"
+  config.write_text(POD_EXPERIMENT)
+  base = [sys.executable, "-m", "mhr_jax.experiment", f"--gin_file={config}"]
+  one = str(tmp_path / "one")
+  single = subprocess.run([*base, f"--gin.MODEL_DIR='{one}'", "--gin.adapt/MeshConfig.fsdp=8"], cwd=REPO,
+                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+  assert single.returncode == 0, single.stderr[-3000:]
+  pod = str(tmp_path / "pod")
+  errs = _processes(env, lambda i, port: [*base, f"--gin.MODEL_DIR='{pod}'", "--gin.adapt/MeshConfig.fsdp=2",
+                                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=4",
+                                          f"--process_id={i}"], n=4)
+  assert "mesh data=8 fsdp=1 model=1 over all devices" in errs[0]
+  assert "mesh data=1 fsdp=2 model=1 over each process's devices" in errs[0]
+  with open(os.path.join(one, "results.json")) as f, open(os.path.join(pod, "results.json")) as g:
+    reference, table = json.load(f)["summary"], json.load(g)["summary"]
+  keys = ("method", "kind", "rougeL", "rougeL_std", "exact_match", "exact_match_std", "trainable_params", "seeds",
+          "per_task")
+  assert [{k: r[k] for k in keys} for r in table] == [{k: r[k] for k in keys} for r in reference]

@@ -42,6 +42,10 @@ def test_cells_cover_seeds_and_sweep_values(tmp_path):
   sweep = [c for c in cells if c.role == "sweep"]
   assert all(f"AdapterConfig.n_splits = {c.value}" in c.bindings and "Experiment.pretrain = ('mhr',)" in c.bindings
              for c in sweep)
+  # A Hugging Face base (Experiment.base_checkpoint): nothing to train once, every cell starts from it.
+  from_hf = study.cells(_study(tmp_path), trains_base=False)
+  assert [c.name for c in from_hf] == [c.name for c in cells[1:]]
+  assert not any("base_run" in b for c in from_hf for b in c.bindings)
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -99,7 +103,7 @@ def _fake_study(root):
       for kind, cosine in (("mhr", 0.5), ("poly", 0.3), ("lora", 0.35)):
         _write(os.path.join(c["dir"], "analysis", kind, "analysis.json"),
                {"mean_pairwise_gradient_cosine": cosine + 0.01 * c["seed"]})
-  plan = {"model_dir": root, "cells": cells, "tune": {"adapt/mhr-z": ["adapt/mhr-z@slow", "adapt/mhr-z@fast"]},
+  plan = {"model_dir": root, "cells": cells, "metric": "rougeL", "tune": {"adapt/mhr-z": ["adapt/mhr-z@slow", "adapt/mhr-z@fast"]},
           "sweep": ["AdapterConfig.n_splits", [1]], "sweep_main_value": 4, "sweep_stages": ["adapt/mhr"],
           "statistics": {"n_resamples": 2000, "confidence": 0.95, "seed": 0},
           "hypotheses": [

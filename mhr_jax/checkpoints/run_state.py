@@ -85,7 +85,8 @@ class RunCheckpointer:
     if not (force or self._manager.should_save(step)):
       return False
     state = meta.unbox(state)
-    apart = self._frozen is not None
+    # Full fine-tuning trains every weight: nothing is frozen, nothing to save apart.
+    apart = self._frozen is not None and bool(jax.tree.leaves(_part(state, "frozen")))
     if apart:
       if self._frozen.latest_step() is None:
         self._frozen.save(0, args=_save_args({"frozen": _part(state, "frozen")}, {"step": step}), force=True)
@@ -277,15 +278,16 @@ def _layout(directory: str, step: int) -> dict | None:
 class StopSignal:
   """Turns SIGTERM into "save at the next step boundary, then exit".
 
-  Single process: a Python handler sets a flag. Several processes: JAX's preemption service
-  (started by jax.distributed.initialize) owns SIGTERM and all hosts agree on the step to stop at
-  through `RunCheckpointer.reached_preemption`, so no handler is installed here.
+  Single process, or `own_handler`: a Python handler sets a flag (with several processes the caller then
+  agrees on it with the others, as few-shot adaptation does). Otherwise, with several processes, JAX's
+  preemption service (started by jax.distributed.initialize) owns SIGTERM and all hosts agree on the step to
+  stop at through `RunCheckpointer.reached_preemption` (pre-training, whose steps are collective anyway).
   """
 
-  def __init__(self):
+  def __init__(self, own_handler: bool = False):
     self.received = False
     self._previous = None
-    if jax.process_count() == 1:
+    if own_handler or jax.process_count() == 1:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):

@@ -65,24 +65,47 @@ def plan_stages(gin_files: Sequence[str], bindings: Sequence[str] = (), search_p
   return exp, {s.name: plan_lib.stage_config(exp, s) for s in plan_lib.plan(exp) if s.kind != "analysis"}
 
 
+def stage_meshes(configs: dict, devices: int, processes: int) -> dict[str, dict]:
+  """{stage: its mesh (config.mesh_plan)} on `processes` processes with `devices` devices in all (as many on
+  each); ConfigError naming the stage and the key of the first that does not fit."""
+  if devices % processes:
+    raise ConfigError(f"{devices} devices do not split evenly over {processes} processes")
+  meshes = {}
+  for name, (cfg, _) in configs.items():
+    try:
+      meshes[name] = config_lib.mesh_plan(cfg, devices, processes, devices // processes)
+    except ConfigError as e:
+      raise ConfigError(f"stage {name}: {e}") from None
+  return meshes
+
+
 def run_experiment(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
-                   dry_run: bool = False) -> int:
+                   dry_run: bool = False, devices: int | None = None, processes: int | None = None) -> int:
   """Plans and runs the experiment that the gin files and bindings describe; returns 0 when done (then
   MODEL_DIR holds the tables), else the exit status of the stage that stopped (143 after SIGTERM). With
-  `dry_run`, logs the plan and runs nothing. ConfigError / RunError for what the user can fix, before
-  anything is written."""
+  `dry_run`, logs the plan (every stage's directory, steps and mesh) and runs nothing; `devices` and
+  `processes` plan it for another machine (a dry run only; default: this one). ConfigError / RunError for
+  what the user can fix, before anything is written: every stage's config and mesh are checked first."""
   banner("plan")
+  if (devices or processes) and not dry_run:
+    raise ConfigError("--devices and --processes plan for another machine: use them with --dry_run")
   exp, configs = plan_stages(gin_files, bindings, search_paths)
+  devices, processes = devices or jax.device_count(), processes or jax.process_count()
+  meshes = stage_meshes(configs, devices, processes)
+  log.info("%d processes, %d devices", processes, devices)
   stages = plan_lib.plan(exp)
   by_name = {stage.name: stage for stage in stages}
   rows = []
   for stage in stages:
     cfg = configs[stage.name][0] if stage.name in configs else None
     steps = None if cfg is None else cfg.run.train_steps
+    mesh = meshes.get(stage.name)
     rows.append({"name": stage.name, "kind": stage.kind, "dir": stage.directory, "row": stage.row,
-                 "row_kind": stage.row_kind, "after": list(stage.after), "steps": steps})
-    log.info("%-28s %-7s %s%s%s", stage.name, stage.kind, stage.directory,
-             "" if steps is None else f", {steps} steps", " (done)" if stage_done(stage, cfg) else "")
+                 "row_kind": stage.row_kind, "after": list(stage.after), "steps": steps, "mesh": mesh})
+    described = "" if mesh is None else (f", mesh data={mesh['data']} fsdp={mesh['fsdp']} model={mesh['model']} "
+                                         f"over {mesh['over']}")
+    log.info("%-28s %-7s %s%s%s%s", stage.name, stage.kind, stage.directory,
+             "" if steps is None else f", {steps} steps", described, " (done)" if stage_done(stage, cfg) else "")
   if dry_run:
     return 0
   if exp.base_run is not None:
@@ -92,6 +115,7 @@ def run_experiment(gin_files: Sequence[str], bindings: Sequence[str] = (), searc
   write_json_atomic(os.path.join(exp.model_dir, "plan.json"),
                     {"model_dir": os.path.abspath(exp.model_dir), "stages": rows,
                      "command": command_line(gin_files, bindings, search_paths)})
+  _all_processes_at("plan written")
   start = time.time()
   for stage in stages:
     cfg, text = configs.get(stage.name, (None, None))
@@ -103,6 +127,7 @@ def run_experiment(gin_files: Sequence[str], bindings: Sequence[str] = (), searc
       if not os.path.isfile(os.path.join(by_name[before].directory, "results.json")):
         raise RunError(f"stage {stage.name} starts from stage {before}, which has not finished")
     status = _run_stage(exp, stage, by_name, cfg, text)
+    _all_processes_at(f"end of stage {stage.name}")  # process 0 has written its results
     if status:
       log.info("stage %s stopped (exit %d); run the same command to continue", stage.name, status)
       return status
@@ -111,6 +136,14 @@ def run_experiment(gin_files: Sequence[str], bindings: Sequence[str] = (), searc
   log.info("experiment done in %.0f s (this run); results: %s", time.time() - start, files["markdown"])
   log.info("\n%s", report.console_table(exp.model_dir))
   return 0
+
+
+def _all_processes_at(point: str) -> None:
+  """A barrier: with several processes, process 0 writes the shared files (a stage's results), which the
+  others must see before they read them."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(point)
 
 
 def share_compiled_programs(model_dir: str) -> None:
@@ -144,13 +177,18 @@ def command_line(gin_files: Sequence[str], bindings: Sequence[str], search_paths
 
 
 def run(args: argparse.Namespace) -> int:
-  return run_experiment(args.gin_file, args.gin_bindings, args.gin_search_paths, args.dry_run)
+  return run_experiment(args.gin_file, args.gin_bindings, args.gin_search_paths, args.dry_run, args.devices,
+                        args.processes)
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = cli.flag_parser("python -m mhr_jax.experiment", __doc__.split("\n")[0])
   parser.add_argument("--dry_run", action="store_true",
-                      help="print the stages, their run directories and step counts; run nothing")
+                      help="print the stages, their run directories, step counts and meshes; run nothing")
+  parser.add_argument("--devices", type=int, default=None,
+                      help="with --dry_run: plan for this many devices in all (e.g. 16 on a v4-32 slice)")
+  parser.add_argument("--processes", type=int, default=None,
+                      help="with --dry_run: plan for this many processes (hosts), e.g. 4 on a v4-32 slice")
   try:
     return cli.main(parser, run, argv)
   finally:

@@ -46,7 +46,8 @@ from mhr_jax.errors import ConfigError, RunError
 from mhr_jax.storage import read_json, write_json_atomic, write_text_atomic
 
 PLAN_FILE = "study_plan.json"
-METRICS = {"adapt": "rougeL", "zeroshot": "rougeL", "analysis": "mean_pairwise_gradient_cosine"}
+STAGE_KINDS = ("adapt", "zeroshot", "analysis")  # the stages a hypothesis can compare
+ALIGNMENT = "mean_pairwise_gradient_cosine"     # the analysis' metric
 _HYPOTHESIS_KEYS = ("id", "claim", "a", "b", "test")
 
 
@@ -65,6 +66,9 @@ class Study:
     sweep_stages: the stages whose metric the sweep figure shows (e.g. ("adapt/mhr", "adapt/mhr-z")).
     tune: {stage: (candidate stages, ...)}: the stage a hypothesis names is the candidate with the best mean
       dev score (see the module docstring).
+    metric: the pairs' metric that few-shot and zero-shot quantities compare: "rougeL" or "exact_match"
+      (SuperNI-format sources), "median_over_templates" or "mean_over_templates" (T0); analysis quantities
+      compare gradient alignment.
     hypotheses: dicts with "id", "claim", "a", "b" (quantities), "test" ("superiority": a > b + margin;
       "non-inferiority": a > b - margin) and optionally "margin" (default 0, in the metric's units).
     n_resamples, confidence, bootstrap_seed: the crossed bootstrap (mhr_jax/experiment/statistics.py).
@@ -77,6 +81,7 @@ class Study:
   sweep_bindings: tuple = ()
   sweep_stages: tuple = ()
   tune: dict = dataclasses.field(default_factory=dict)
+  metric: str = "rougeL"
   hypotheses: tuple = ()
   n_resamples: int = 10000
   confidence: float = 0.95
@@ -113,9 +118,9 @@ class Study:
       ids.add(h["id"])
       for side in ("a", "b"):
         for stage in stages_of(h[side]):
-          if stage.split("/")[0] not in METRICS:
+          if stage.split("/")[0] not in STAGE_KINDS:
             raise ConfigError(f"Study.hypotheses[{i}] ({h['id']}): {side}={h[side]!r}: {stage!r} is not a "
-                              f"stage of kind {sorted(METRICS)}")
+                              f"stage of kind {STAGE_KINDS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,22 +149,26 @@ def _value_name(value) -> str:
   return re.sub(r"[^\w.-]", "_", str(value))
 
 
-def cells(study: Study) -> list[Cell]:
-  """The cells, in the order they run."""
+def cells(study: Study, trains_base: bool = True) -> list[Cell]:
+  """The cells, in the order they run. `trains_base`: the experiment trains its base (no
+  Experiment.base_checkpoint): then a first cell trains it once and every other cell starts from it."""
   root = os.path.abspath(study.model_dir)
   base_dir = os.path.join(root, "base")
   base_run = os.path.join(base_dir, "base")
   adapt_seeds = f"adapt/AdaptConfig.seeds = {tuple(study.adapt_seeds)!r}"
-  out = [Cell("base", base_dir, "base", None, None, (
-      f"Experiment.model_dir = {base_dir!r}", "Experiment.pretrain = ()", "Experiment.adapt = ()",
-      "Experiment.controls = ()", "Experiment.zero_shot = ('base',)", "Experiment.analysis = False",
-      adapt_seeds))]
+  out = []
+  if trains_base:
+    out.append(Cell("base", base_dir, "base", None, None, (
+        f"Experiment.model_dir = {base_dir!r}", "Experiment.pretrain = ()", "Experiment.adapt = ()",
+        "Experiment.controls = ()", "Experiment.zero_shot = ('base',)", "Experiment.analysis = False",
+        adapt_seeds)))
 
   def cell(name, seed, value, role, extra):
     directory = os.path.join(root, name)
+    start = (f"Experiment.base_run = {base_run!r}",) if trains_base else ()
     return Cell(name, directory, role, seed, value, (
-        f"Experiment.model_dir = {directory!r}", f"Experiment.base_run = {base_run!r}",
-        f"pretrain/RunConfig.seed = {seed!r}", f"mu/RunConfig.seed = {seed!r}", adapt_seeds, *extra))
+        f"Experiment.model_dir = {directory!r}", *start, f"pretrain/RunConfig.seed = {seed!r}",
+        f"mu/RunConfig.seed = {seed!r}", adapt_seeds, *extra))
 
   out += [cell(f"seed{s}", s, None, "main", ()) for s in study.pretrain_seeds]
   if study.sweep:
@@ -189,7 +198,7 @@ def run_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pat
   from mhr_jax.logging_utils import banner, log  # pylint: disable=g-import-not-at-top
   banner("study")
   study = load_study(gin_files, bindings, search_paths)
-  plan = cells(study)
+  plan = cells(study, trains_base=experiment_plan.Experiment().base_checkpoint is None)
   planned = []
   for cell in plan:  # every cell's stages, built and checked: nothing is written yet
     exp, configs = experiment.plan_stages(gin_files, [*bindings, *cell.bindings], search_paths)
@@ -213,7 +222,7 @@ def run_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pat
   root = os.path.abspath(study.model_dir)
   experiment.share_compiled_programs(root)
   write_json_atomic(os.path.join(root, PLAN_FILE), {
-      "model_dir": root, "hypotheses": list(study.hypotheses), "tune": study.tune,
+      "model_dir": root, "hypotheses": list(study.hypotheses), "tune": study.tune, "metric": study.metric,
       "pretrain_seeds": list(study.pretrain_seeds), "adapt_seeds": list(study.adapt_seeds),
       "sweep": list(study.sweep), "sweep_main_value": main_value, "sweep_stages": list(study.sweep_stages),
       "statistics": {"n_resamples": study.n_resamples, "confidence": study.confidence,
@@ -303,17 +312,18 @@ def _heldout_count(cfg) -> int:
 # ============================================================================== the report (no JAX)
 
 
-def _cell_values(cell_dir: str, stage: str) -> dict[tuple, float] | None:
-  """{(task, seed): value} of a stage of a cell: per pair (few-shot and zero-shot) or one value (analysis,
-  key (None, None)); None when the stage is missing."""
-  kind = stage.split("/")[0]
-  if kind == "analysis":
+def _cell_values(cell_dir: str, stage: str, metric: str) -> dict[tuple, float] | None:
+  """{(task, seed): value} of a stage of a cell: per pair (few-shot and zero-shot: `metric`) or one value
+  (analysis: gradient alignment, key (None, None)); None when the stage is missing."""
+  if stage.split("/")[0] == "analysis":
     results = read_json(os.path.join(cell_dir, *stage.split("/"), "analysis.json"))
-    return None if results is None else {(None, None): float(results[METRICS[kind]])}
+    return None if results is None else {(None, None): float(results[ALIGNMENT])}
   results = read_json(os.path.join(cell_dir, *stage.split("/"), "results.json"))
   if results is None or results.get("status") != "done":
     return None
-  return {(p["task"], p["seed"]): float(p[METRICS[kind]]) for p in results["pairs"]}
+  if any(metric not in p for p in results["pairs"]):
+    raise RunError(f"study: {cell_dir}/{stage}: its pairs have no {metric!r} (Study.metric)")
+  return {(p["task"], p["seed"]): float(p[metric]) for p in results["pairs"]}
 
 
 def _dev_score(cell_dir: str, stage: str) -> list[float]:
@@ -347,7 +357,7 @@ def _quantity(plan: Mapping, expression: str, tuned: Mapping, cells_of: Sequence
     stage = tuned.get(stage, {}).get("chosen", stage)
     values = {}
     for c in cells_of:
-      found = _cell_values(c["dir"], stage)
+      found = _cell_values(c["dir"], stage, plan["metric"])
       if found is None:
         raise RunError(f"study: {c['name']}/{stage} has no results (run the study first)")
       kind = stage.split("/")[0]
@@ -387,7 +397,7 @@ def hypothesis_rows(plan: Mapping, tuned: Mapping) -> list[dict]:
     margin = float(h.get("margin", 0.0))
     rows.append({"id": h["id"], "claim": h["claim"], "comparison": f"{h['a']} - {h['b']}",
                  "a": h["a"], "b": h["b"], "test": h["test"], "margin": margin,
-                 "metric": METRICS[stages_of(h["a"])[0].split("/")[0]],
+                 "metric": ALIGNMENT if stages_of(h["a"])[0].startswith("analysis/") else plan["metric"],
                  "mean_diff": result.mean_diff, "ci_low": result.ci_low, "ci_high": result.ci_high, "n": result.n,
                  "verdict": statistics.verdict(result.ci_low, result.ci_high, margin=margin, kind=h["test"]),
                  "observations": observations})
@@ -433,7 +443,7 @@ def report(model_dir: str) -> dict[str, str]:
     study_plots.line_plot([p["value"] for p in next(iter(sweep.values()))],
                           {s: ([p["mean"] for p in pts], [p["ci_low"] for p in pts], [p["ci_high"] for p in pts])
                            for s, pts in sweep.items()},
-                          files["sweep"], xlabel=plan["sweep"][0], ylabel="held-out ROUGE-L",
+                          files["sweep"], xlabel=plan["sweep"][0], ylabel=f"held-out {plan['metric']}",
                           title="the sweep: mean over tasks and seeds, 95% crossed bootstrap interval")
   alignment = {q: v for q, v in levels.items() if q.startswith("analysis/")}
   if alignment:

@@ -95,11 +95,13 @@ def _start_params(cfg: config_lib.ExperimentConfig, start: dict) -> dict:
 
 class _OrbaxResume:
   """adaptation.Resume backed by an orbax manager in MODEL_DIR/resume (the latest state only; one directory
-  per process when pairs are spread over processes). In one process a SIGTERM saves and ends the run; with
-  several, each process's pairs continue from their last periodic save."""
+  per process when pairs are spread over processes). A SIGTERM saves and ends the run; with several
+  processes, a SIGTERM reaching any of them stops all at the same step: after every step they share their
+  flags (a one-integer all-gather; their pairs train independently, so nothing else synchronises them)."""
 
   def __init__(self, directory: str, every: int, num_steps: int, stop: StopSignal, async_save: bool):
     self.every, self._num_steps, self._stop = every, num_steps, stop
+    self._stopping = False
     self._manager = RunCheckpointer(directory, 1, 1, async_save, process_local=True)
 
   def restore(self, target: dict):
@@ -120,12 +122,14 @@ class _OrbaxResume:
     progress.update({k: np.asarray(state[k]).tolist() for k in _LOGS})
     trees = _host_if_shared({k: state[k] for k in _TREES if state[k] is not None})
     self._manager.save(group * self._num_steps + step, trees, _json_safe(progress), force=True)
-    if self.stop_requested():
+    if self._stopping:
       self._manager.wait()
       raise Preempted(f"SIGTERM: adaptation state saved at pair group {group}, step {step}")
 
-  def stop_requested(self) -> bool:
-    return jax.process_count() == 1 and self._stop.received
+  def stop_requested(self, step_id: int) -> bool:
+    del step_id  # every process asks after the same steps (adaptation.adapt's sync_groups)
+    self._stopping = _agreed_stop(self._stop)
+    return self._stopping
 
   def close(self) -> None:
     self._manager.wait()
@@ -175,27 +179,11 @@ def adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
   if finished(cfg.run.model_dir, "steps", cfg.run.train_steps):
     log.info("%s: done (results.json, %d steps); nothing to do", cfg.run.model_dir, cfg.run.train_steps)
     return 0
-  stop = StopSignal()
+  stop = StopSignal(own_handler=True)
   try:
     return _adapt(cfg, config_text, mesh, start, stop)
   finally:
     stop.restore_handler()
-
-
-def _local_mesh(cfg: config_lib.ExperimentConfig):
-  """A mesh over this process's own devices: with several processes, each adapts its own pairs."""
-  try:
-    mesh = partitioning.make_mesh(cfg.mesh, devices=jax.local_devices())
-  except ValueError as e:
-    raise config_lib.ConfigError(f"few-shot adaptation on several processes uses each process's "
-                                 f"{jax.local_device_count()} devices: {e}") from None
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for key, size in (("DataConfig.batch_size", cfg.data.batch_size),
-                    ("AdaptConfig.eval_batch_size", cfg.adapt.eval_batch_size)):
-    if size and size % shards:
-      raise config_lib.ConfigError(f"{key}={size} is not divisible by the {shards} batch shards of each "
-                                   "process's mesh (few-shot adaptation runs pairs per process)")
-  return mesh
 
 
 def _allgather_json(value) -> list:
@@ -232,7 +220,6 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   multi = jax.process_count() > 1
   mine = list(range(jax.process_index(), len(pairs), jax.process_count()))
   if multi:
-    mesh = _local_mesh(cfg)
     log.info("this process adapts pairs %s on %s", mine, partitioning.describe(mesh))
 
   banner("state")
@@ -256,9 +243,11 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
                         run_cfg.async_checkpoints) if steps else None
   bar = progress_bar(0, steps * (len(mine) if sequential else 1))
   try:
+    # Sequential pairs make one group each; a process with fewer than the most steps through the rest.
+    most = -(-len(pairs) // jax.process_count()) if sequential else 1
     result = adaptation.adapt(a.method, cfg.model, params, cfg.optimizer, cfg.loss, batches, keys, steps,
                               eval_every=a.select_every, mesh=mesh, progress=bar.update, resume=resume,
-                              **select)
+                              sync_groups=most, **select)
   except Preempted as e:
     log.info("%s; run the same command to resume", e)
     return EXIT_PREEMPTED
@@ -281,7 +270,8 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   model = models.T5(result.model_cfg)
   counts = _trainable_per_pair(result, steps)
   if a.evaluate:
-    status = _evaluate_pairs(benchmark, model, result, rows, model_dir, mesh, stop)
+    status = _evaluate_pairs(benchmark, model, result, rows, model_dir, mesh, stop,
+                             slots=-(-len(pairs) // jax.process_count()))
     if status:
       return status
   rows = sorted((r for rows_of in _allgather_json(rows) for r in rows_of), key=lambda r: r["index"])
@@ -347,27 +337,38 @@ def _trainable_per_pair(result: adaptation.AdaptationResult, steps: int) -> int:
   return int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(result.trainable))) if steps else 0
 
 
-def _evaluate_pairs(benchmark, model, result, rows, model_dir: str, mesh, stop: StopSignal) -> int:
+def _agreed_stop(stop: StopSignal) -> bool:
+  """Whether a SIGTERM has reached this process or, with several, any process (all ask at the same points)."""
+  if jax.process_count() == 1:
+    return stop.received
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([stop.received]))))
+
+
+def _evaluate_pairs(benchmark, model, result, rows, model_dir: str, mesh, stop: StopSignal, slots: int) -> int:
   """Evaluates this process's pairs (rows: their index, task, seed, final loss), reusing pairs/<i>.json
   written for the same training; adds each pair's metrics and predictions to its row. Returns 0, or
-  EXIT_PREEMPTED after a SIGTERM (the evaluated pairs are kept)."""
+  EXIT_PREEMPTED after a SIGTERM (the evaluated pairs are kept). `slots`: the most pairs a process has; every
+  process asks whether to stop after each slot, so that all stop together."""
   from mhr_jax.evaluation import fewshot as fewshot_eval  # pylint: disable=g-import-not-at-top  (TensorFlow)
   with progress_bar(0, len(rows), unit="pair") as pair_bar:
-    for j, row in enumerate(rows):
-      path = _pair_file(model_dir, row["index"])
-      saved = None
-      if os.path.isfile(path):
-        with open(path) as f:
-          saved = json.load(f)
-      if saved is None or any(saved.get(k) != row.get(k) for k in ("task", "seed", "final_loss")):
-        saved = {**row, **fewshot_eval.evaluate(benchmark, model, result.pair_params(j), row["index"], mesh)}
-        write_json_atomic(path, saved)  # with the predictions, for error analysis
-      row.update({k: v for k, v in saved.items() if k not in row})
-      log.info("%s seed %d: %s", row["task"], row["seed"],
-               format_metrics({k: v for k, v in row.items() if isinstance(v, float)}))
-      pair_bar.update(1)
-      if stop.received and j + 1 < len(rows):
-        log.info("SIGTERM: %d of %d pairs evaluated (kept in %s); run the same command to resume", j + 1,
-                 len(rows), os.path.dirname(path))
+    for j in range(slots):
+      if j < len(rows):
+        row = rows[j]
+        path = _pair_file(model_dir, row["index"])
+        saved = None
+        if os.path.isfile(path):
+          with open(path) as f:
+            saved = json.load(f)
+        if saved is None or any(saved.get(k) != row.get(k) for k in ("task", "seed", "final_loss")):
+          saved = {**row, **fewshot_eval.evaluate(benchmark, model, result.pair_params(j), row["index"], mesh)}
+          write_json_atomic(path, saved)  # with the predictions, for error analysis
+        row.update({k: v for k, v in saved.items() if k not in row})
+        log.info("%s seed %d: %s", row["task"], row["seed"],
+                 format_metrics({k: v for k, v in row.items() if isinstance(v, float)}))
+        pair_bar.update(1)
+      if j + 1 < slots and _agreed_stop(stop):
+        log.info("SIGTERM: %d of %d pairs evaluated (kept in %s); run the same command to resume",
+                 min(j + 1, len(rows)), len(rows), os.path.join(model_dir, "pairs"))
         return EXIT_PREEMPTED
   return 0

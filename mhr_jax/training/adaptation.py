@@ -190,16 +190,18 @@ class Resume(Protocol):
   """Where adaptation saves and finds its training state (fewshot.py backs it with orbax).
 
   `every`: save every this many steps (and at each pair group's last step, and whenever
-  `stop_requested()`). `restore(target)` returns (group, step, state) of the latest save, laid out like
+  `stop_requested`). `restore(target)` returns (group, step, state) of the latest save, laid out like
   `target` (a state dict as `_initial_state` makes), or None. `save(group, step, state)` stores one (and
-  may end the run by raising, e.g. after a SIGTERM)."""
+  may end the run by raising, e.g. after a SIGTERM). `stop_requested(step_id)` is asked after every step
+  with an increasing step id (group * num_steps + step), the same sequence in every process (see
+  `adapt`'s `sync_groups`), as JAX's preemption sync point requires."""
   every: int
 
   def restore(self, target: dict) -> tuple[int, int, dict] | None: ...
 
   def save(self, group: int, step: int, state: dict) -> None: ...
 
-  def stop_requested(self) -> bool: ...
+  def stop_requested(self, step_id: int) -> bool: ...
 
 
 _TREES = ("trainable", "opt_state", "best")  # device trees, leaves (N, ...); the rest: NumPy arrays
@@ -294,7 +296,7 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
           loss_cfg: losses.LossConfig, get_batch: BatchFn, keys: jax.Array, num_steps: int, *,
           dev_batches=None, select=None, eval_every: int = 0, sequential: bool | None = None,
           mesh=None, progress: Callable[[int], Any] | None = None,
-          resume: Resume | None = None) -> AdaptationResult:
+          resume: Resume | None = None, sync_groups: int = 0) -> AdaptationResult:
   """Adapts N (task, seed) pairs at once.
 
   Args:
@@ -320,6 +322,10 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
       sequential runs make num_steps steps per pair).
     resume: optional `Resume`: the loop saves its state there and continues from the latest save,
       exactly (same batches, same random numbers).
+    sync_groups: with several processes adapting their own pairs, the most pair groups any of them has:
+      a process with fewer keeps asking `resume.stop_requested` through the missing groups' steps (doing
+      nothing else), so that every process asks for the same step ids and a SIGTERM reaching any of them
+      stops all at the same step.
   """
   info = methods.get(method)
   if num_steps < 0:
@@ -360,18 +366,26 @@ def adapt(method: str, model_cfg: models.T5Config, params, opt_cfg: optim.Optimi
         progress(first_group * num_steps + first_step)
 
   def on_step(index, step, current):
-    if resume is not None and (step % resume.every == 0 or step == num_steps or resume.stop_requested()):
+    if resume is None:
+      return
+    stop = resume.stop_requested(index * num_steps + step)  # asked at every step: a sync point
+    due = index < len(groups) and (step % resume.every == 0 or step == num_steps)
+    if stop or due:
       resume.save(index, step, current())
 
   with contextlib.ExitStack() as stack:
     if mesh is not None:
       stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(partitioning.LOGICAL_RULES))
-    for index in range(first_group, len(groups)):
+    for index in range(first_group, max(len(groups), sync_groups)):
+      start = first_step if index == first_group else 0
+      if index >= len(groups):  # this process's pairs are done; the others' steps go on
+        for step in range(start + 1, num_steps + 1):
+          on_step(index, step, lambda: state)
+        continue
       state = _run_group(step_fn, score, cfg, frozen, state, groups[index], keys, get_batch,
-                         start_step=first_step if index == first_group else 0, num_steps=num_steps,
-                         eval_steps=eval_steps, mesh=mesh, progress=progress,
-                         on_step=functools.partial(on_step, index))
+                         start_step=start, num_steps=num_steps, eval_steps=eval_steps, mesh=mesh,
+                         progress=progress, on_step=functools.partial(on_step, index))
   final = state["best"] if eval_steps else state["trainable"]
   return AdaptationResult(cfg, labels, frozen, final, state["losses"],
                           state["scores"] if eval_steps else None, state["best_step"])
