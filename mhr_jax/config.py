@@ -37,6 +37,7 @@ from mhr_jax.partitioning import MeshConfig
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("pretrain", "adapt")
 SOURCES = ("synthetic", "superni", "t0")
+SYNTHETIC_SUITES = ("demo", "study")  # tasks.synthetic.SUITES
 HOST_INPUTS = ("global", "sharded")
 PROMPTS = ("tk_instruct", "definition", "input_only")
 T0_CAPS = ("authors", "t0")
@@ -105,8 +106,10 @@ class DataConfig:
       the data order does not depend on the number of processes) or "sharded" (each process reads
       its own shard of every task: less input work per host on large runs).
     data_dir: see `source`.
+    synthetic_suite: which embedded suite (tasks/synthetic.py): "demo" (8 skills, tasks of 2) or
+      "study" (18 skills, tasks of 2 or 3: tasks/synthetic_study.py).
     synthetic_train_tasks, synthetic_test_tasks, synthetic_instances, synthetic_seed: the
-      synthetic suite (tasks/synthetic.py).
+      synthetic suite's sizes and seed.
     max_train_instances: SuperNI instances per training task (METHODS.md: <= 100).
     prompt, num_pos_examples: SuperNI-format input ("tk_instruct": the task definition and
       num_pos_examples positive examples before the instance; "definition": the definition, then the
@@ -132,6 +135,7 @@ class DataConfig:
   pack: bool = False
   host_input: str = "global"
   data_dir: str | None = None
+  synthetic_suite: str = "demo"
   synthetic_train_tasks: int = 16
   synthetic_test_tasks: int = 4
   synthetic_instances: int = 200
@@ -149,6 +153,8 @@ class DataConfig:
         (self.prompt is None or self.prompt in PROMPTS,
          f"DataConfig.prompt={self.prompt!r}: expected one of {PROMPTS} or None"),
         (self.t0_cap in T0_CAPS, f"DataConfig.t0_cap={self.t0_cap!r}: expected one of {T0_CAPS}"),
+        (self.synthetic_suite in SYNTHETIC_SUITES,
+         f"DataConfig.synthetic_suite={self.synthetic_suite!r}: expected one of {SYNTHETIC_SUITES}"),
         (self.test_task_list is None or self.source != "t0",
          "DataConfig.test_task_list is for SuperNI-format sources; T0 held-out datasets come from "
          "the catalog (AdaptConfig.tasks selects some)"),
