@@ -107,7 +107,7 @@ class DataConfig:
       its own shard of every task: less input work per host on large runs).
     data_dir: see `source`.
     synthetic_suite: which embedded suite (tasks/synthetic.py): "demo" (8 skills, tasks of 2) or
-      "study" (18 skills, tasks of 2 or 3: tasks/synthetic_study.py).
+      "study" (16 skills, tasks of 2 or 3: tasks/synthetic_study.py).
     synthetic_train_tasks, synthetic_test_tasks, synthetic_instances, synthetic_seed: the
       synthetic suite's sizes and seed.
     max_train_instances: SuperNI instances per training task (METHODS.md: <= 100).

@@ -10,8 +10,8 @@ lists, so a byte-level T5 learns the skills on a CPU. Two suites (SUITES):
 - "demo" (configs/experiments/demo.gin): an input is four words (a color, an animal, a number, a fruit), e.g.
   "two plum red owl"; 8 skills: the color, the color in French, the animal, the animal in the plural, the
   number, the next number, the fruit, the fruit in capitals; a task composes two different skills ("red owls").
-- "study" (tasks/synthetic_study.py, whose docstring gives the design): six categories, 18 skills, tasks of 2
-  or 3 skills, more skills than an 8-adapter inventory, held-out tasks that recombine trained skills.
+- "study" (tasks/synthetic_study.py, whose docstring gives the design): the same four categories, 16 skills,
+  tasks of 2 or 3 skills, more skills than an 8-adapter inventory, held-out tasks that recombine trained skills.
 
 A suite goes through the same loader as the real data (tasks.superni); `register_synthetic` registers it with
 the "input_only" prompt by default, so the task id is the only task signal (the task definition is in each
