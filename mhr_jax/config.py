@@ -41,6 +41,7 @@ from mhr_jax.storage import check_local_paths, read_json, write_json_atomic, wri
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("pretrain", "adapt")
 SOURCES = ("synthetic", "superni", "t0")
+SYNTHETIC_SUITES = ("demo", "study")  # tasks.synthetic.SUITES
 HOST_INPUTS = ("global", "sharded")
 PROMPTS = ("tk_instruct", "definition", "input_only", "authors")
 T0_CAPS = ("authors", "t0")
@@ -95,8 +96,10 @@ class DataConfig:
       the data order does not depend on the number of processes) or "sharded" (each process reads
       its own shard of every task: less input work per host on large runs).
     data_dir: see `source`.
+    synthetic_suite: which embedded suite (tasks/synthetic.py): "demo" (8 skills, tasks of 2) or
+      "study" (16 skills, tasks of 2 or 3: tasks/synthetic_study.py).
     synthetic_train_tasks, synthetic_test_tasks, synthetic_instances, synthetic_seed: the
-      synthetic suite (tasks/synthetic.py).
+      synthetic suite's sizes and seed.
     max_train_instances: SuperNI instances per training task (METHODS.md: <= 100).
     prompt, num_pos_examples: SuperNI-format input ("tk_instruct": the task definition and
       num_pos_examples positive examples before the instance; "authors": the MHR authors' string,
@@ -124,6 +127,7 @@ class DataConfig:
   pack: bool = False
   host_input: str = "global"
   data_dir: str | None = None
+  synthetic_suite: str = "demo"
   synthetic_train_tasks: int = 16
   synthetic_test_tasks: int = 4
   synthetic_instances: int = 200
@@ -143,6 +147,8 @@ class DataConfig:
         (self.prompt != "authors" or not self.num_pos_examples,
          f"DataConfig.num_pos_examples={self.num_pos_examples}: prompt 'authors' shows no positive examples"),
         (self.t0_cap in T0_CAPS, f"DataConfig.t0_cap={self.t0_cap!r}: expected one of {T0_CAPS}"),
+        (self.synthetic_suite in SYNTHETIC_SUITES,
+         f"DataConfig.synthetic_suite={self.synthetic_suite!r}: expected one of {SYNTHETIC_SUITES}"),
         (self.test_task_list is None or self.source != "t0",
          "DataConfig.test_task_list is for SuperNI-format sources; T0 held-out datasets come from "
          "the catalog (AdaptConfig.tasks selects some)"),

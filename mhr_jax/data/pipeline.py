@@ -542,8 +542,8 @@ def register_data(d, default_dir: str, vocab_size: int | None = None, **fewshot)
     # Deterministic files written atomically: every process may write them.
     registration = synthetic.register_synthetic(
         out, vocabulary, n_train_tasks=d.synthetic_train_tasks, n_test_tasks=d.synthetic_test_tasks,
-        n_instances=d.synthetic_instances, seed=d.synthetic_seed, input_format=input_format, **lists,
-        **fewshot)
+        n_instances=d.synthetic_instances, seed=d.synthetic_seed, suite=d.synthetic_suite,
+        input_format=input_format, **lists, **fewshot)
     log.info("synthetic suite: %s", out)
   elif d.source == "superni":
     registration = superni.register_superni(
