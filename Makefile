@@ -1,9 +1,11 @@
-# Fresh machine: `make demo` (the paper's experiment on the embedded suite, CPU) and `make test`.
+# Fresh machine: `make demo` (the paper's experiment on the embedded suite, CPU), `make study` (the papers'
+# findings tested over seeds and tasks on the embedded study suite, CPU) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
+STUDY_DIR ?= runs/study
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo study clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	python3 -m venv $(VENV)
@@ -17,6 +19,9 @@ test: setup
 
 demo: setup
 	$(PY) -m mhr_jax.experiment --gin_file=configs/experiments/demo.gin --gin.MODEL_DIR="'$(RUN_DIR)'"
+
+study: setup
+	$(PY) -m mhr_jax.experiment.study --gin_file=configs/studies/embedded.gin --gin.MODEL_DIR="'$(STUDY_DIR)'"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

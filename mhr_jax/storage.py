@@ -17,9 +17,10 @@ def _writes_files() -> bool:
   return jax is None or jax.process_index() == 0
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and os.replace (process 0 only)."""
-  if not _writes_files():
+def write_bytes_atomic(path: str, data: bytes, every_process: bool = False) -> None:
+  """Writes `data` to `path` through a temporary file and os.replace; by process 0 only (a run's shared
+  files), or by whichever process calls with `every_process` (a process's own files)."""
+  if not (every_process or _writes_files()):
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"

@@ -42,6 +42,16 @@ def test_cells_cover_seeds_and_sweep_values(tmp_path):
   sweep = [c for c in cells if c.role == "sweep"]
   assert all(f"AdapterConfig.n_splits = {c.value}" in c.bindings and "Experiment.pretrain = ('mhr',)" in c.bindings
              for c in sweep)
+  # Stages that start from the base run once, in the base cell, and the main cells leave them out.
+  lists = {"adapt": ("mhr", "full"), "controls": ("lora",), "zero_shot": ("base", "mhr-mu")}
+  shared = study.cells(_study(tmp_path, shared=("zeroshot/base", "adapt/full"), sweep_seeds=(0,)), lists=lists)
+  assert {"Experiment.adapt = ('full',)", "Experiment.controls = ()", "Experiment.zero_shot = ('base',)"} <= set(
+      shared[0].bindings)
+  assert {"Experiment.adapt = ('mhr',)", "Experiment.controls = ('lora',)",
+          "Experiment.zero_shot = ('mhr-mu',)"} <= set(shared[1].bindings)
+  assert [c.name for c in shared if c.role == "sweep"] == ["seed0-n_splits1", "seed0-n_splits8"]
+  with pytest.raises(ConfigError, match=r"Study.shared: 'ia3' is not in Experiment.adapt"):
+    study.cells(_study(tmp_path, shared=("adapt/ia3",)), lists=lists)
   # A Hugging Face base (Experiment.base_checkpoint): nothing to train once, every cell starts from it.
   from_hf = study.cells(_study(tmp_path), trains_base=False)
   assert [c.name for c in from_hf] == [c.name for c in cells[1:]]
@@ -85,11 +95,15 @@ def _write(path, obj):
 
 def _fake_study(root):
   """Cell result files as a study's cells write them, and the study plan, without any training."""
-  cells = [{"name": f"seed{s}", "dir": os.path.join(root, f"seed{s}"), "role": "main", "seed": s, "value": None}
-           for s in PSEEDS]
+  cells = [{"name": "base", "dir": os.path.join(root, "base"), "role": "base", "seed": None, "value": None}]
+  cells += [{"name": f"seed{s}", "dir": os.path.join(root, f"seed{s}"), "role": "main", "seed": s, "value": None}
+            for s in PSEEDS]
   cells += [{"name": f"seed{s}-n_splits1", "dir": os.path.join(root, f"seed{s}-n_splits1"), "role": "sweep",
              "seed": s, "value": 1} for s in PSEEDS]
-  for c in cells:
+  # Full fine-tuning from the shared base ran once, in the base cell.
+  _write(os.path.join(root, "base", "adapt", "full", "results.json"), {"status": "done", "pairs": [
+      {"task": t, "seed": a, "rougeL": 30.0 + TASKS.index(t)} for t in TASKS for a in ASEEDS]})
+  for c in cells[1:]:
     methods = ("mhr", "poly", "lora", "mhr-z@slow", "mhr-z@fast") if c["role"] == "main" else ("mhr",)
     for m in methods:
       shift = -2.0 if c["role"] == "sweep" else 0.0
@@ -105,7 +119,7 @@ def _fake_study(root):
                {"mean_pairwise_gradient_cosine": cosine + 0.01 * c["seed"]})
   plan = {"model_dir": root, "cells": cells, "metric": "rougeL", "tune": {"adapt/mhr-z": ["adapt/mhr-z@slow", "adapt/mhr-z@fast"]},
           "sweep": ["AdapterConfig.n_splits", [1]], "sweep_main_value": 4, "sweep_stages": ["adapt/mhr"],
-          "statistics": {"n_resamples": 2000, "confidence": 0.95, "seed": 0},
+          "statistics": {"n_resamples": 2000, "confidence": 0.95, "seed": 0}, "shared": ["adapt/full"],
           "hypotheses": [
               {"id": "H1", "claim": "mhr beats poly", "a": "adapt/mhr", "b": "adapt/poly", "test": "superiority"},
               {"id": "H2", "claim": "mhr-z near lora", "a": "adapt/mhr-z", "b": "adapt/lora",
@@ -115,7 +129,8 @@ def _fake_study(root):
               {"id": "H4", "claim": "lora beats mhr", "a": "adapt/lora", "b": "adapt/mhr", "test": "superiority"},
               {"id": "H5", "claim": "mhr beats the mean", "a": "adapt/mhr", "b": "mean(adapt/lora, adapt/poly)",
                "test": "superiority"},
-              {"id": "H6", "claim": "zero-shot", "a": "zeroshot/mhr-mu", "b": "zeroshot/lora", "test": "superiority"}]}
+              {"id": "H6", "claim": "zero-shot", "a": "zeroshot/mhr-mu", "b": "zeroshot/lora", "test": "superiority"},
+              {"id": "H7", "claim": "full", "a": "adapt/poly", "b": "adapt/full", "test": "superiority"}]}
   _write(os.path.join(root, study.PLAN_FILE), plan)
   return plan
 
@@ -149,6 +164,11 @@ def test_report_from_cell_results(tmp_path):
   # Zero-shot: one observation per (task, pre-training seed).
   assert rows["H6"]["n"] == len(TASKS) * len(PSEEDS) and rows["H6"]["mean_diff"] == pytest.approx(2.0)
   assert all(len(obs["seeds"]) == 1 and obs["task"] in TASKS for obs in rows["H6"]["observations"])
+  # A shared stage (run once, in the base cell) pairs with every pre-training seed's values.
+  assert rows["H7"]["n"] == len(TASKS) * len(PSEEDS) * len(ASEEDS)
+  for obs in rows["H7"]["observations"]:
+    pseed, aseed = obs["seeds"]
+    assert obs["diff"] == pytest.approx(_value("poly", obs["task"], pseed, aseed) - 30.0 - TASKS.index(obs["task"]))
   # The sweep: the main cells give the main value (4), the sweep cells the others.
   curve = results["sweep"]["curves"]["adapt/mhr"]
   assert [p["value"] for p in curve] == [1, 4]
@@ -165,11 +185,11 @@ def test_report_from_cell_results(tmp_path):
 def test_report_names_what_is_missing(tmp_path):
   root = str(tmp_path / "s")
   plan = _fake_study(root)
-  plan["hypotheses"].append({"id": "H7", "claim": "c", "a": "zeroshot/lora", "b": "adapt/lora", "test": "superiority"})
+  plan["hypotheses"].append({"id": "H8", "claim": "c", "a": "zeroshot/lora", "b": "adapt/lora", "test": "superiority"})
   _write(os.path.join(root, study.PLAN_FILE), plan)
-  with pytest.raises(study.RunError, match="H7: zeroshot/lora and adapt/lora have no observation in common"):
+  with pytest.raises(study.RunError, match="H8: zeroshot/lora and adapt/lora have no observation in common"):
     study.report(root)
-  os.remove(os.path.join(plan["cells"][0]["dir"], "adapt", "poly", "results.json"))
+  os.remove(os.path.join(plan["cells"][1]["dir"], "adapt", "poly", "results.json"))
   with pytest.raises(study.RunError, match="seed0/adapt/poly has no results"):
     study.report(root)
 

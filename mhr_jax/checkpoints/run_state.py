@@ -13,6 +13,7 @@ mid-save leaves the previous checkpoints intact.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -43,36 +44,25 @@ class RunCheckpointer:
     save_every: save when step % save_every == 0 (and whenever `save(force=True)`).
     keep: number of most recent checkpoints kept (None: all).
     async_save: let orbax write in a background thread after copying arrays to host.
-    process_local: this process alone saves and restores its own (process-local) arrays, with no
-      synchronisation with other processes (few-shot adaptation spreads independent pairs over
-      processes); by default every process takes part in each save of global arrays.
+    frozen_once: save the state's frozen part once per run (RUN_DIR/frozen), and the rest at each step.
+  Every process takes part in each save of global arrays; a process's own state in a multi-process run goes
+  to checkpoints/process_local.py instead.
   """
 
   def __init__(self, directory: str, save_every: int, keep: int | None, async_save: bool = True,
-               process_local: bool = False, frozen_once: bool = False):
+               frozen_once: bool = False):
     self.directory = os.path.abspath(directory)
     self._frozen = None
-    extra = {}
-    if process_local and jax.process_count() > 1:
-      me = jax.process_index()
-      extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
-          primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}")
-      os.makedirs(self.directory, exist_ok=True)  # orbax does not create it for a subset of processes
-      # orbax 0.12's asynchronous save for one active process can create the temporary step folder twice
-      # (FileExistsError): such saves are synchronous.
-      async_save = False
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=not extra,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True, **extra)  # cleanup: leftovers of a killed run's unfinished save
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "progress", "layout"))
+        save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)  # cleanup: leftovers of a killed run's unfinished save
+    items = ("state", "progress", "layout")
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=items)
     if frozen_once:
       # Synchronous, so that no step checkpoint ever refers to a frozen part still being written.
-      once = ocp.CheckpointManagerOptions(max_to_keep=1, create=not extra, enable_async_checkpointing=False,
-                                          cleanup_tmp_directories=True, **extra)
-      self._frozen = ocp.CheckpointManager(frozen_store(self.directory), options=once,
-                                           item_names=("state", "progress", "layout"))
+      once = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
+                                          cleanup_tmp_directories=True)
+      self._frozen = ocp.CheckpointManager(frozen_store(self.directory), options=once, item_names=items)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -189,6 +179,8 @@ def restore_params(directory: str, step: int) -> dict:
   of devices wrote the checkpoint.
   """
   path = os.path.join(os.path.abspath(directory), str(step), "state")
+  if os.path.isfile(path + ".npz"):  # one process's own state of a multi-process run (process_local.py)
+    return _process_local_params(directory, step)
   layout = _layout(directory, step)
   if layout is None:  # written before packing
     parts = restore_subtrees(path, ("trainable", "frozen"))
@@ -200,6 +192,16 @@ def restore_params(directory: str, step: int) -> dict:
     store = frozen_store(directory)
     params.update(_packed_params(os.path.join(store, "0", "state"), _layout(store, 0)))
   return flax.traverse_util.unflatten_dict(params)
+
+
+def _process_local_params(directory: str, step: int) -> dict:
+  with np.load(os.path.join(directory, str(step), "state.npz")) as saved:
+    with open(os.path.join(directory, str(step), "progress.json")) as f:
+      dtypes = json.load(f)["dtypes"]
+    device = _first_device()
+    return flax.traverse_util.unflatten_dict({
+        tuple(name.split("/")[1:]): jax.device_put(saved[name].view(np.dtype(dtypes[name])), device)
+        for name in saved.files if name.split("/")[0] in ("trainable", "frozen")})
 
 
 def _packed_params(path: str, layout: dict) -> dict[tuple[str, ...], jax.Array]:

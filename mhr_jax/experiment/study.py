@@ -4,8 +4,10 @@ to tell, with the hypotheses and their statistics fixed before anything runs.
   python -m mhr_jax.experiment.study --gin_file=configs/studies/embedded.gin --gin.MODEL_DIR="'runs/study'" [--dry_run]
 
 A study is a set of cells, each an ordinary experiment run directory (mhr_jax/experiment/runner.py) below MODEL_DIR:
-  MODEL_DIR/base/              the base, trained once (an experiment with only its base stage and the base's
-                               zero-shot evaluation); every other cell starts from it (Experiment.base_run)
+  MODEL_DIR/base/              the base, trained once (an experiment with only its base stage and the stages
+                               of Study.shared, which do not depend on pre-training, e.g. the base's
+                               zero-shot evaluation and full fine-tuning from the base); every other cell
+                               starts from it (Experiment.base_run)
   MODEL_DIR/seed<s>/           the experiment with pre-training seed s (`pretrain/` and `mu/RunConfig.seed`),
                                every method adapted with every seed of Study.adapt_seeds
   MODEL_DIR/seed<s>-<k><v>/    the sweep: the experiment again with setting k = v (Study.sweep), restricted by
@@ -62,8 +64,12 @@ class Study:
     adapt_seeds: the adaptation seeds of every cell (AdaptConfig.seeds of the "adapt" scope).
     sweep: (gin key, values): one more cell per pre-training seed and value (besides the main cells, whose
       value is the experiment's own), e.g. ("AdapterConfig.n_splits", (1, 2, 8)).
+    sweep_seeds: the pre-training seeds of the sweep cells (default: pretrain_seeds).
     sweep_bindings: gin bindings of the sweep cells only, e.g. restricting them to MHR.
     sweep_stages: the stages whose metric the sweep figure shows (e.g. ("adapt/mhr", "adapt/mhr-z")).
+    shared: stages that start from the base and not from any pre-training ("zeroshot/base", "adapt/full"
+      when full fine-tuning adapts the base, "control/<method>"): when the study trains its base, they run
+      once, in the base cell, and stand for every pre-training seed.
     tune: {stage: (candidate stages, ...)}: the stage a hypothesis names is the candidate with the best mean
       dev score (see the module docstring).
     metric: the pairs' metric that few-shot and zero-shot quantities compare: "rougeL" or "exact_match"
@@ -78,8 +84,10 @@ class Study:
   pretrain_seeds: tuple = (0, 1, 2)
   adapt_seeds: tuple = (13, 42, 58)
   sweep: tuple = ()
+  sweep_seeds: tuple | None = None
   sweep_bindings: tuple = ()
   sweep_stages: tuple = ()
+  shared: tuple = ()
   tune: dict = dataclasses.field(default_factory=dict)
   metric: str = "rougeL"
   hypotheses: tuple = ()
@@ -89,8 +97,15 @@ class Study:
   device_tflops: float = 400.0
 
   def __post_init__(self):
-    for name in ("pretrain_seeds", "adapt_seeds", "sweep", "sweep_bindings", "sweep_stages", "hypotheses"):
+    if self.sweep_seeds is None:
+      object.__setattr__(self, "sweep_seeds", self.pretrain_seeds)
+    for name in ("pretrain_seeds", "adapt_seeds", "sweep", "sweep_seeds", "sweep_bindings", "sweep_stages",
+                 "shared", "hypotheses"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    for stage in self.shared:
+      if not re.fullmatch(r"(zeroshot/base|(adapt|control)/[\w.@-]+)", stage):
+        raise ConfigError(f"Study.shared: {stage!r}: expected 'zeroshot/base', 'adapt/<method>' or "
+                          "'control/<method>' (stages that start from the base)")
     object.__setattr__(self, "tune", {k: tuple(v) for k, v in dict(self.tune).items()})
     if not self.model_dir:
       raise ConfigError("Study.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\"")
@@ -149,32 +164,51 @@ def _value_name(value) -> str:
   return re.sub(r"[^\w.-]", "_", str(value))
 
 
-def cells(study: Study, trains_base: bool = True) -> list[Cell]:
-  """The cells, in the order they run. `trains_base`: the experiment trains its base (no
-  Experiment.base_checkpoint): then a first cell trains it once and every other cell starts from it."""
+_SHARED_LISTS = {"adapt": "adapt", "control": "controls", "zeroshot": "zero_shot"}  # stage kind -> Experiment field
+
+
+def cells(study: Study, trains_base: bool = True, lists: Mapping[str, tuple] | None = None) -> list[Cell]:
+  """The cells, in the order they run.
+
+  Args:
+    trains_base: the experiment trains its base (no Experiment.base_checkpoint): then a first cell trains it
+      once (with the stages of Study.shared) and every other cell starts from it.
+    lists: the experiment's Experiment.adapt, .controls and .zero_shot; needed when Study.shared names
+      stages (the main cells then leave them out).
+  """
   root = os.path.abspath(study.model_dir)
   base_dir = os.path.join(root, "base")
   base_run = os.path.join(base_dir, "base")
   adapt_seeds = f"adapt/AdaptConfig.seeds = {tuple(study.adapt_seeds)!r}"
+  shared = study.shared if trains_base else ()
+  if shared and lists is None:
+    raise ValueError("cells: Study.shared needs the experiment's adapt, controls and zero_shot lists")
+  mine = {field: tuple(stage.split("/", 1)[1] for stage in shared if _SHARED_LISTS[stage.split("/")[0]] == field)
+          for field in _SHARED_LISTS.values()}
+  for field, entries in mine.items():
+    missing = [e for e in entries if e not in lists[field]]
+    if missing:
+      raise ConfigError(f"Study.shared: {missing[0]!r} is not in Experiment.{field} {lists[field]}")
   out = []
   if trains_base:
     out.append(Cell("base", base_dir, "base", None, None, (
-        f"Experiment.model_dir = {base_dir!r}", "Experiment.pretrain = ()", "Experiment.adapt = ()",
-        "Experiment.controls = ()", "Experiment.zero_shot = ('base',)", "Experiment.analysis = False",
-        adapt_seeds)))
+        f"Experiment.model_dir = {base_dir!r}", "Experiment.pretrain = ()", "Experiment.analysis = False",
+        *(f"Experiment.{field} = {entries!r}" for field, entries in mine.items()), adapt_seeds)))
+  rest = tuple(f"Experiment.{field} = {tuple(e for e in lists[field] if e not in mine[field])!r}"
+               for field in _SHARED_LISTS.values()) if shared else ()
 
   def cell(name, seed, value, role, extra):
     directory = os.path.join(root, name)
     start = (f"Experiment.base_run = {base_run!r}",) if trains_base else ()
     return Cell(name, directory, role, seed, value, (
         f"Experiment.model_dir = {directory!r}", *start, f"pretrain/RunConfig.seed = {seed!r}",
-        f"mu/RunConfig.seed = {seed!r}", adapt_seeds, *extra))
+        f"mu/RunConfig.seed = {seed!r}", adapt_seeds, *rest, *extra))
 
   out += [cell(f"seed{s}", s, None, "main", ()) for s in study.pretrain_seeds]
   if study.sweep:
     key, values = study.sweep
     for value in values:
-      for s in study.pretrain_seeds:
+      for s in study.sweep_seeds:
         out.append(cell(f"seed{s}-{key.split('.')[-1]}{_value_name(value)}", s, value, "sweep",
                         (f"{key} = {value!r}", *study.sweep_bindings)))
   return out
@@ -198,7 +232,9 @@ def run_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pat
   from mhr_jax.logging_utils import banner, log  # pylint: disable=g-import-not-at-top
   banner("study")
   study = load_study(gin_files, bindings, search_paths)
-  plan = cells(study, trains_base=experiment_plan.Experiment().base_checkpoint is None)
+  exp = experiment_plan.Experiment()
+  lists = {field: getattr(exp, field) for field in _SHARED_LISTS.values()}
+  plan = cells(study, trains_base=exp.base_checkpoint is None, lists=lists)
   planned = []
   for cell in plan:  # every cell's stages, built and checked: nothing is written yet
     exp, configs = experiment.plan_stages(gin_files, [*bindings, *cell.bindings], search_paths)
@@ -225,6 +261,7 @@ def run_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pat
       "model_dir": root, "hypotheses": list(study.hypotheses), "tune": study.tune, "metric": study.metric,
       "pretrain_seeds": list(study.pretrain_seeds), "adapt_seeds": list(study.adapt_seeds),
       "sweep": list(study.sweep), "sweep_main_value": main_value, "sweep_stages": list(study.sweep_stages),
+      "shared": [s for s in study.shared if any(c.role == "base" for c in plan)],
       "statistics": {"n_resamples": study.n_resamples, "confidence": study.confidence,
                      "seed": study.bootstrap_seed},
       "cells": [{"name": c.name, "dir": c.directory, "role": c.role, "seed": c.seed, "value": c.value,
@@ -353,13 +390,16 @@ def _quantity(plan: Mapping, expression: str, tuned: Mapping, cells_of: Sequence
   match = re.fullmatch(r"\s*(max|min|mean)\((.*)\)\s*", expression)
   reduce = {"max": np.max, "min": np.min, "mean": np.mean}[match.group(1)] if match else None
   per_stage = []
+  base = [c for c in plan["cells"] if c["role"] == "base"]
   for stage in stages_of(expression):
     stage = tuned.get(stage, {}).get("chosen", stage)
     values = {}
     for c in cells_of:
-      found = _cell_values(c["dir"], stage, plan["metric"])
+      # A shared stage ran once, in the base cell: its values stand for every pre-training seed.
+      where = base[0]["dir"] if stage in plan.get("shared", ()) else c["dir"]
+      found = _cell_values(where, stage, plan["metric"])
       if found is None:
-        raise RunError(f"study: {c['name']}/{stage} has no results (run the study first)")
+        raise RunError(f"study: {os.path.basename(where)}/{stage} has no results (run the study first)")
       kind = stage.split("/")[0]
       for (task, seed), value in found.items():
         values[(task, c["seed"], seed if kind == "adapt" else None)] = value

@@ -28,6 +28,7 @@ from mhr_jax import config as config_lib
 from mhr_jax.adapters import methods
 from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import MetricsJsonl, banner, format_metrics, log, progress_bar
+from mhr_jax.checkpoints.process_local import ProcessLocalCheckpointer
 from mhr_jax.checkpoints.run_state import RunCheckpointer, StopSignal, latest_step, restore_params
 from mhr_jax.storage import read_json, write_json_atomic, write_text_atomic
 
@@ -102,7 +103,7 @@ class _OrbaxResume:
   def __init__(self, directory: str, every: int, num_steps: int, stop: StopSignal, async_save: bool):
     self.every, self._num_steps, self._stop = every, num_steps, stop
     self._stopping = False
-    self._manager = RunCheckpointer(directory, 1, 1, async_save, process_local=True)
+    self._manager = _own_checkpointer(directory, 1, async_save)
 
   def restore(self, target: dict):
     step = self._manager.latest_step()
@@ -140,9 +141,16 @@ _TREES = ("trainable", "opt_state", "best")
 _LOGS = ("best_score", "best_step", "losses", "scores")
 
 
+def _own_checkpointer(directory: str, keep: int | None, async_save: bool):
+  """Where this process saves its own pairs' state: an orbax run checkpointer, or with several processes
+  (each adapting its own pairs, with no other process involved) a process-local store."""
+  if jax.process_count() > 1:
+    return ProcessLocalCheckpointer(directory, keep)
+  return RunCheckpointer(directory, 1, keep, async_save)
+
+
 def _host_if_shared(tree):
-  """With several processes, a process's own arrays live on its local devices, which orbax does not
-  serialise in a multi-process run: they are saved (and restored) as host NumPy arrays instead."""
+  """With several processes a process's state is saved by the process-local store, from host arrays."""
   return jax.device_get(tree) if jax.process_count() > 1 else tree
 
 
@@ -277,8 +285,7 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   rows = sorted((r for rows_of in _allgather_json(rows) for r in rows_of), key=lambda r: r["index"])
   checkpoints = None
   if steps:  # the adapted parameters (zero-shot evaluation trains nothing: its start is kept elsewhere)
-    checkpointer = RunCheckpointer(os.path.join(model_dir, "checkpoints", own), steps, None,
-                                   run_cfg.async_checkpoints, process_local=True)
+    checkpointer = _own_checkpointer(os.path.join(model_dir, "checkpoints", own), None, run_cfg.async_checkpoints)
     # A run stopped after this save but before results.json has it already: the same parameters (they come
     # from the resumed final state), so it is kept.
     if checkpointer.latest_step() != steps:
