@@ -17,10 +17,10 @@ Fine-tuning in T5X starts from `initial_checkpoint(model, out_dir, ...)`, usuall
 (`INITIAL_CHECKPOINT_PATH = @bridge_checkpoints.initial_checkpoint()`): the model's parameters built
 from a pre-trained T5X checkpoint (or run directory) or from Hugging Face weights, with a fresh
 optimizer state at step 0:
-  routed model with more tasks than the checkpoint   fresh routing rows for the new tasks (MHR, MHR-z)
-  plain LoRA model from a routed checkpoint          skills averaged per head (MHR-mu / Poly-mu)
-  same kind                                          as is (e.g. LoRA from LoRA)
-  Hugging Face base weights                          fresh adapters on the given base
+  pre-trained checkpoint   the start that the fine-tuning method's record makes (gin METHOD;
+                           adapters.methods, `adaptation_start`): new tasks' routing rows (MHR,
+                           MHR-z), the skills averaged into one LoRA (MHR-mu), as is (LoRA, (IA)^3)
+  Hugging Face weights     fresh adapters on the given base
 
 Command line (the model comes from the gin files of the T5X run):
   python -m mhr_jax.t5x_bridge.checkpoints --to=run --gin_file=configs/mhr.gin \
@@ -48,8 +48,8 @@ from t5x import utils as t5x_utils
 from mhr_jax import cli, models, partitioning
 from mhr_jax.checkpoints import run_state as run_checkpoints
 from mhr_jax.training import optim, train_step
+from mhr_jax.adapters import methods
 from mhr_jax.adapters import params as param_groups
-from mhr_jax.adapters import transforms
 from mhr_jax.checkpoints.packing import path_tokens
 from mhr_jax.checkpoints import hf_t5
 from mhr_jax.errors import RunError
@@ -279,33 +279,105 @@ def _check_against(params, abstract) -> None:
                      f"unexpected {extra[:4]}, other shapes {wrong[:4]}")
 
 
-def adapt_params(params: dict, cfg: models.T5Config, seed: int = 0) -> dict:
-  """Pre-trained params turned into params of the model `cfg` (see the module docstring)."""
-  params = models.layout.to_layout(cfg.replace(scan_layers=False), params)
+def pretrained_kind(method: str, kind: str) -> str:
+  """The adapter kind of the pre-training that a fine-tuning run of `method` starts from, for a model
+  with an adapter of `kind`: the kind among the method record's `adapts` that the record turns into
+  `kind` (`Method.adapted_kind`; e.g. MHR-mu's LoRA comes from "mhr", MHR's routed model from "mhr")."""
+  record = methods.get(method)
+  kinds = [k for k in record.adapts if record.adapted_kind(k) == kind]
+  if not kinds:
+    made = sorted({record.adapted_kind(k) for k in record.adapts})
+    raise ValueError(f"AdapterConfig.kind={kind!r}: method {record.name!r} (METHOD) fine-tunes a model "
+                     f"of adapter kind {made}, pre-trained as {list(record.adapts)}")
+  return kinds[0]
+
+
+def _task_rows(params: dict, cfg: models.T5Config) -> tuple[list, int | None]:
+  """(paths of the per-task leaves that hold other task counts than the model `cfg`, that count or None).
+
+  Per-task leaves (routing logits, private adapters) have the task axis third from last
+  (transforms.select_task_rows): a leaf of `params` that differs from the model's only there is one.
+  """
+  want = traverse_util.flatten_dict(param_groups.abstract_params(cfg))
+  have = traverse_util.flatten_dict(params)
+  rows = {}
+  for path, leaf in want.items():
+    shape = tuple(np.shape(have[path])) if path in have else None
+    if shape is None or shape == tuple(leaf.shape) or len(shape) != len(leaf.shape) or len(shape) < 3:
+      continue   # equal, or a mismatch that the final check reports
+    if shape[:-3] + shape[-2:] == tuple(leaf.shape[:-3] + leaf.shape[-2:]):
+      rows[path] = shape[-3]
+  counts = sorted(set(rows.values()))
+  if len(counts) > 1:
+    raise ValueError(f"the checkpoint's per-task leaves hold different task counts {counts}")
+  return sorted(rows), (counts[0] if counts else None)
+
+
+def _check_start(start_cfg: models.T5Config, cfg: models.T5Config, method: str) -> None:
+  """The adapter of the record's start must be the configured one (the task count aside)."""
+  got = start_cfg.adapter.replace(n_tasks=cfg.adapter.n_tasks)
+  if got != cfg.adapter:
+    diff = {f: (getattr(cfg.adapter, f), getattr(got, f)) for f in cfg.adapter.__dataclass_fields__
+            if getattr(cfg.adapter, f) != getattr(got, f)}
+    raise ValueError(f"method {method!r} starts from an adapter that differs from the configured "
+                     f"AdapterConfig at {{field: (configured, method's)}} {diff}")
+
+
+def adaptation_start(params: dict, cfg: models.T5Config, method: str, seed: int = 0) -> dict:
+  """The parameters a T5X fine-tuning run of `method` starts from, in the layout of the model `cfg`.
+
+  The method's record (adapters.methods.METHOD_TABLE, `Method.start_params`) makes the start, as it
+  does for the project's trainer; the pre-trained model is `cfg`'s with the kind the record adapts
+  (`pretrained_kind`). Where the adapted model reads task ids, it keeps the pre-trained tasks' rows
+  and adds a row per new task up to cfg.adapter.n_tasks: new task j gets the row the record starts a
+  pair with key fold_in(key(seed), j) from (MHR / MHR-z: near-uniform; mhr-meanrow: the mean row);
+  with no new task the checkpoint is taken as is. Otherwise the record's start is the model
+  (MHR-mu: each head's skills averaged into one LoRA; LoRA, (IA)^3: as pre-trained).
+
+  Args:
+    params: pre-trained unboxed params (either layer layout).
+    cfg: the fine-tuned model's config (the T5X model's `config`).
+    method: a method of adapters.methods (gin: METHOD).
+    seed: for the new tasks' rows.
+  """
+  record = methods.get(method)
   acfg = cfg.adapter
-  rows = [v.shape[0] for p, v in traverse_util.flatten_dict(params).items()
-          if p[-2:] == ("routing", "logits")]
-  if acfg.routed and rows:
-    if acfg.n_tasks < rows[0]:
-      raise ValueError(f"AdapterConfig.n_tasks={acfg.n_tasks} is below the checkpoint's {rows[0]} tasks")
-    if acfg.n_tasks > rows[0]:
-      source = cfg.replace(adapter=acfg.replace(n_tasks=rows[0]))
-      _, params = transforms.add_task_rows(source, params, acfg.n_tasks - rows[0],
-                                           jax.random.key(seed))
-  elif acfg.kind == "lora" and rows:
-    _, params = transforms.to_mu(cfg.replace(adapter=acfg.replace(kind="mhr")), params)
-  return models.layout.to_layout(cfg, params)
+  params = models.layout.to_layout(cfg, params)
+  pre_cfg = cfg.replace(adapter=acfg.replace(kind=pretrained_kind(method, acfg.kind)))
+  key = jax.random.key(seed)
+  if not acfg.uses_task_ids:
+    start_cfg, start = record.start_params(pre_cfg, params, key)
+    _check_start(start_cfg, cfg, record.name)
+    return start
+  grown, n_pretrained = _task_rows(params, cfg)
+  if n_pretrained is None:   # no new tasks (or a checkpoint that does not fit: _check_against says so)
+    return params
+  if n_pretrained > acfg.n_tasks:
+    raise ValueError(f"AdapterConfig.n_tasks={acfg.n_tasks} is below the checkpoint's {n_pretrained} tasks")
+  pre_cfg = pre_cfg.replace(adapter=pre_cfg.adapter.replace(n_tasks=n_pretrained))
+  starts = [record.start_params(pre_cfg, params, jax.random.fold_in(key, j))
+            for j in range(acfg.n_tasks - n_pretrained)]
+  _check_start(starts[0][0], cfg, record.name)
+  # Every start keeps the shared leaves (the inventory) as pre-trained; the per-task leaves gain the rows.
+  news = [traverse_util.flatten_dict(start) for _, start in starts]
+  pre = traverse_util.flatten_dict(params)
+  out = dict(news[0])
+  for path in grown:
+    out[path] = jnp.concatenate([jnp.asarray(pre[path])] + [new[path] for new in news], axis=-3)
+  return traverse_util.unflatten_dict(out)
 
 
 def initial_checkpoint(model, out_dir: str, pretrained: str | None = None,
-                       hf_checkpoint: str | None = None, seed: int = 0) -> str:
+                       hf_checkpoint: str | None = None, method: str | None = None, seed: int = 0) -> str:
   """A T5X checkpoint at step 0 with `model`'s parameters, for T5X fine-tuning to start from.
 
   Args:
-    model: the MhrEncoderDecoderModel being fine-tuned (its adapter decides the transform).
+    model: the MhrEncoderDecoderModel being fine-tuned.
     out_dir: where checkpoint_0 goes; reused when it exists (T5X resumes from MODEL_DIR anyway).
     pretrained: a T5X checkpoint (or MODEL_DIR, latest step) or a project run directory.
     hf_checkpoint: a Hugging Face T5 directory: base weights under freshly initialised adapters.
+    method: with `pretrained`, the fine-tuning method (gin: METHOD), whose record makes the start
+      (`adaptation_start`).
     seed: for new routing rows and fresh adapters.
   Returns:
     out_dir/checkpoint_0, for utils.RestoreCheckpointConfig.path.
@@ -316,16 +388,19 @@ def initial_checkpoint(model, out_dir: str, pretrained: str | None = None,
     return path
   if (pretrained is None) == (hf_checkpoint is None):
     raise ValueError("initial_checkpoint: give exactly one of pretrained, hf_checkpoint")
+  if pretrained is not None and method is None:
+    raise ValueError("initial_checkpoint: pretrained needs the fine-tuning method (bind "
+                     "initial_checkpoint.method = %METHOD)")
   # Built in host memory: a fresh init plus a base copy of a large model need not fit on a chip.
   with jax.default_device(jax.devices("cpu")[0]):
-    return _write_initial_checkpoint(model, out_dir, pretrained, hf_checkpoint, seed)
+    return _write_initial_checkpoint(model, out_dir, pretrained, hf_checkpoint, method, seed)
 
 
-def _write_initial_checkpoint(model, out_dir, pretrained, hf_checkpoint, seed) -> str:
+def _write_initial_checkpoint(model, out_dir, pretrained, hf_checkpoint, method, seed) -> str:
   cfg = model.config
   abstract = flax.core.unfreeze(abstract_variables(model)["params"])
   if pretrained is not None:
-    params = adapt_params(read_params(pretrained), cfg, seed)
+    params = adaptation_start(read_params(pretrained), cfg, method, seed)
   else:
     _, base = hf_t5.load_hf_t5(hf_checkpoint)
     fresh = model.get_initial_variables(jax.random.key(seed), _DUMMY_SHAPES)["params"]

@@ -1,8 +1,8 @@
 """Freezing and two-speed learning rates through T5X's optimizer API, and a trainer that logs them.
 
 `MhrOptimizer` is a `t5x.optimizers.OptaxWrapper` around the project's optimizer recipe
-(`mhr_jax.optim`): global-norm clipping, then per parameter group (labels from
-`adapters.params.default_rules(method)`, or explicit (regex, group) rules)
+(`mhr_jax.training.optim`): global-norm clipping, then per parameter group (labels from the rules of the
+method's record in `adapters.methods`, or explicit (regex, group) rules)
   frozen    optax.set_to_zero: no update and no optimizer state
   adapters  Adafactor / AdamW at OptimizerConfig.adapter_lr, warmup then decay
   routing   the same at OptimizerConfig.routing_lr (METHODS.md: about 100x the adapters')
@@ -12,8 +12,9 @@ T5X checkpoints and run checkpoints leaf for leaf (`t5x_bridge.checkpoints`).
 
 T5X specifics handled here:
   - the label tree keeps T5X's container types (FrozenDict), as optax.multi_transform requires;
-  - T5X's partitioner needs axis rules for every optax state it meets: rules for optax's
-    FactoredState (Adafactor moments) and the project's ScheduleState are registered on import;
+  - T5X's partitioner needs axis rules for every optax state it meets: rules for the project's
+    Adafactor moments (optax.FactoredState, optim.LastTwoFactoredState) and ScheduleState are
+    registered on import;
   - T5X's `learning_rate` metric is its `learning_rate_fn`, which an optax chain ignores:
     `MhrTrainer` logs `learning_rate/<group>`, the rate each group's last update used;
   - MHR-z trains only new routing rows: `update_routing_rows_from=T` zeroes the updates of rows < T.
@@ -72,8 +73,8 @@ class MhrOptimizer(t5x_optimizers.OptaxWrapper):
     config: optim.OptimizerConfig (name, adapter_lr, routing_lr, base_lr, schedule, warmup,
       clip_norm, weight_decay, ...). grad_accum_steps must be 1: T5X accumulates with
       Trainer.num_microbatches.
-    method: adapters.params method name whose rules label the parameters (mhr, mhr-z, mhr-mu, lora,
-      ia3, full, ...); ignored when `rules` is given.
+    method: a method of adapters.methods (gin: METHOD) whose record's rules label the parameters;
+      ignored when `rules` is given.
     total_steps: TRAIN_STEPS, the length of the learning-rate schedules.
     rules: optional (regex, group) pairs, first full match wins; end with ('.*', 'frozen').
     update_routing_rows_from: when > 0, routing rows below it never move (MHR-z adaptation).
@@ -119,42 +120,31 @@ class MhrOptimizer(t5x_optimizers.OptaxWrapper):
 
 # ------------------------------------------------------------------- partitioning of optax states
 
-def _factored_state_axes(state: optax.FactoredState, params_axes):
-  """Adafactor moments: an unfactored second moment `v` has its parameter's shape and axes; the
-  factored row / column statistics (and the (1,) placeholders) are small and replicated."""
-  def moment(axes, v):
+def _adafactor_state_axes(state, params_axes):
+  """Logical axes of the project's Adafactor moments (optim.scale_by_factored_rms: optax.FactoredState
+  for the "largest" factoring, optim.LastTwoFactoredState for "last_two"), as the project's trainer
+  shards them (train_step.abstract_train_state):
+    v             a full moment has its parameter's shape (a 0-D / 1-D parameter, a scanned stack of
+                  them, or one whose dims are below Adafactor's factoring threshold): the parameter's
+                  axes; a factored parameter keeps a (1,) placeholder: replicated
+    v_row, v_col  row / column means of one parameter's view (a scanned stack's layers each, routing
+                  logits (..., T, S, K) seen as (..., T, S*K)), or (1,) placeholders: replicated
+                  (small; their rank differs from the parameter's)
+  The full moment is told from the placeholder by its rank: a factored parameter has 2 or more dims.
+  """
+  def full_moment(axes, v):
     if isinstance(v, optax.MaskedNode):
       return v
-    return axes if axes is not None and len(v.shape) == len(axes) else PartitionSpec()
+    names = tuple(axes) if axes is not None else ()
+    return PartitionSpec(*names) if len(v.shape) == len(names) else PartitionSpec()
 
   def replicated(axes, x):
     del axes
     return x if isinstance(x, optax.MaskedNode) else PartitionSpec()
 
-  return optax.FactoredState(
-      count=None,
-      v_row=jax.tree.map(replicated, params_axes, state.v_row),
-      v_col=jax.tree.map(replicated, params_axes, state.v_col),
-      v=jax.tree.map(moment, params_axes, state.v))
-
-
-def _last_two_factored_state_axes(state, params_axes):
-  """The project's Hugging Face-style Adafactor moments (optim.LastTwoFactoredState): a param with
-  2 or more dims keeps row means (its axes but the last) and column means (all but the one before
-  last); a smaller param keeps a full moment with its own axes. Placeholders are replicated."""
-  def part(keep):
-    def one(axes, x):
-      if isinstance(x, optax.MaskedNode):
-        return x
-      if axes is None or len(axes) < 2:
-        return PartitionSpec(*axes) if keep == "full" and axes is not None else PartitionSpec()
-      kept = {"row": tuple(axes)[:-1], "col": tuple(axes)[:-2] + tuple(axes)[-1:], "full": ()}[keep]
-      return PartitionSpec(*kept)
-    return one
-
-  return type(state)(count=None, v_row=jax.tree.map(part("row"), params_axes, state.v_row),
-                     v_col=jax.tree.map(part("col"), params_axes, state.v_col),
-                     v=jax.tree.map(part("full"), params_axes, state.v))
+  return type(state)(count=None, v_row=jax.tree.map(replicated, params_axes, state.v_row),
+                     v_col=jax.tree.map(replicated, params_axes, state.v_col),
+                     v=jax.tree.map(full_moment, params_axes, state.v))
 
 
 def _schedule_state_axes(state: optim.ScheduleState, params_axes):
@@ -162,11 +152,13 @@ def _schedule_state_axes(state: optim.ScheduleState, params_axes):
   return optim.ScheduleState(count=None, learning_rate=None)
 
 
-# T5X documents this table as the place to add optax states it does not know.
+# T5X documents this table as the place to add optax states it does not know. FactoredState is set,
+# not defaulted: the project's Adafactor keeps it per layer and per routing view, which a rule written
+# for optax's own layout would mis-shape (this rule also fits optax's layout).
 _RULES = t5x_optimizers.OptaxStatePartitionRules._RULES  # pylint: disable=protected-access
-_RULES.setdefault(optax.FactoredState, _factored_state_axes)
+_RULES[optax.FactoredState] = _adafactor_state_axes
+_RULES[optim.LastTwoFactoredState] = _adafactor_state_axes
 _RULES.setdefault(optim.ScheduleState, _schedule_state_axes)
-_RULES.setdefault(optim.LastTwoFactoredState, _last_two_factored_state_axes)
 
 
 # -------------------------------------------------------------------------------- the trainer
