@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from mhr_jax.models import param_counts
 from mhr_jax.training import losses, optim, train_step
 from mhr_jax import partitioning
 from mhr_jax.adapters import AdapterConfig
@@ -42,7 +43,7 @@ def _variants(rank: int):
 
 def _random_params(model_cfg, seed: int) -> dict:
   rng = np.random.default_rng(seed)
-  shapes = param_groups.abstract_params(model_cfg)
+  shapes = param_counts.abstract_params(model_cfg)
   return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
@@ -99,7 +100,7 @@ def run(args) -> list[dict]:
     train_s = _time(train_once, args.steps)
     eval_params = holder["state"].params
     eval_s = _time(eval_once, args.steps)
-    trained = param_groups.count_params(params, method)["trainable"]
+    trained = param_counts.count_params(params, method)["trainable"]
     rows.append(dict(variant=name, train_step_s=train_s, eval_step_s=eval_s,
                      trainable_params=int(trained)))
     print(f"{name:32s} train {train_s:.3f}s  eval {eval_s:.3f}s", flush=True)

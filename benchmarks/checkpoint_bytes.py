@@ -14,6 +14,7 @@ import argparse
 import jax
 import numpy as np
 
+from mhr_jax.models import param_counts
 from mhr_jax.training import optim, train_step
 from mhr_jax.adapters import AdapterConfig, methods
 from mhr_jax.adapters import params as param_groups
@@ -30,7 +31,7 @@ def state_bytes(model_preset: str, adapter: AdapterConfig) -> dict[str, int]:
   """{"trainable", "opt_state", "frozen"}: bytes of each part of the pre-training train state."""
   cfg = preset(model_preset, adapter=adapter)
   model = T5(cfg)
-  labels = param_groups.param_labels(param_groups.abstract_params(cfg), methods.pretraining_rules(adapter.kind))
+  labels = param_groups.param_labels(param_counts.abstract_params(cfg), methods.pretraining_rules(adapter.kind))
   opt_cfg = optim.OptimizerConfig(name="adafactor", adafactor_factoring="last_two")
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
   state = train_step.abstract_train_state(model, labels, optim.make_optimizer(opt_cfg, labels, 100), mesh)

@@ -20,6 +20,7 @@ from flax import traverse_util
 
 from benchmarks.common import (Settings, Timed, adapter_config, compiled_peak_bytes,
                                forward_flops, record, synthetic_batch, time_cases, train_flops)
+from mhr_jax.models import param_counts
 from mhr_jax.evaluation import decoding
 from mhr_jax.training import losses, optim
 from mhr_jax import partitioning
@@ -59,7 +60,7 @@ def random_params(cfg, seed: int = 0) -> dict:
   std 1 (embeddings, position biases) or 0.02 (adapters, routing): scales that keep a random
   model's activations finite in bf16; the values do not change the cost.
   """
-  flat = traverse_util.flatten_dict(param_groups.abstract_params(cfg))
+  flat = traverse_util.flatten_dict(param_counts.abstract_params(cfg))
   root = jax.random.key(seed)
   out = {}
   for i, (path, leaf) in enumerate(sorted(flat.items())):
@@ -179,7 +180,7 @@ def compile_only(s: Settings, method: str, batch_size: int) -> list[dict]:
   """Lower + compile the train step on ShapeDtypeStructs: no weights are ever allocated."""
   cfg = model_config(s, method)
   model, mesh = T5(cfg), _mesh()
-  abstract = param_groups.abstract_params(cfg)
+  abstract = param_counts.abstract_params(cfg)
   labels = param_groups.param_labels(abstract, method)
   opt = optim.make_optimizer(optim.OptimizerConfig(name=s.optimizer, schedule="constant",
                                                    warmup_steps=0), labels, total_steps=1000)

@@ -283,17 +283,17 @@ def _split_examples_cached(spec: _TaskSpec, split: str, vocabulary_id: int, mtim
   del vocabulary_id, mtime_ns  # cache key only (the spec keeps its vocabulary alive, so the id is stable)
   task = load_task(spec.clone_dir, spec.task_name)
   by_id = {inst["id"]: inst for inst in task["Instances"]}
-  fits = truncate = None
-  if spec.input_format.max_input_tokens is not None:
-    budget, vocab = spec.input_format.max_input_tokens, spec.vocabulary
+  fits = None
+  budget, vocab = spec.input_format.max_input_tokens, spec.vocabulary
+  if budget is not None:
     fits = lambda text: len(vocab.encode(text)) + 1 <= budget  # +1: EOS
 
-    def truncate(text):
-      if fits(text):
-        return text
-      # The authors' collator: the first budget - len(cue) tokens, decoded, then the cue again (the
-      # pipeline's truncation to the budget then keeps EOS, as their tokenizer call does).
-      return vocab.decode(vocab.encode(text)[:budget - len(vocab.encode(AUTHORS_OUTPUT_CUE))]) + AUTHORS_OUTPUT_CUE
+  def truncate(text):
+    if fits is None or fits(text):
+      return text
+    # The authors' collator: the first budget - len(cue) tokens, decoded, then the cue again (the
+    # pipeline's truncation to the budget then keeps EOS, as their tokenizer call does).
+    return vocab.decode(vocab.encode(text)[:budget - len(vocab.encode(AUTHORS_OUTPUT_CUE))]) + AUTHORS_OUTPUT_CUE
   examples = []
   for instance_id in _split_ids(spec, split):
     inst = by_id[instance_id]

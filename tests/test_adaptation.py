@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from mhr_jax.models import param_counts
 from mhr_jax.training import adaptation, losses, optim
 from mhr_jax import models, partitioning
 from mhr_jax.training import train_step as ts
@@ -24,7 +25,7 @@ PAIR_RTOL = 1e-6  # float32 arithmetic of a larger vmapped program: the last bit
 def _params(cfg=CFG, seed=0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.2).astype(np.float32),
-                      param_groups.abstract_params(cfg))
+                      param_counts.abstract_params(cfg))
 
 
 def _pair_batches(n_pairs, steps, seed=5, li=6, lt=4):

@@ -11,7 +11,7 @@ from flax import traverse_util
 from mhr_jax.adapters.config import ALL_LINEAR, ATTENTION_ONLY, AdapterConfig
 from mhr_jax.adapters.layers import (AdapterContext, anneal_factor, apply_adapter, lora_a_bound,
                                      routed_lora_delta, routing_weights)
-from mhr_jax.adapters.params import abstract_params
+from mhr_jax.models.param_counts import abstract_params
 from mhr_jax.models import T5, preset
 
 TOL = 1e-6

@@ -19,6 +19,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from mhr_jax.models import param_counts
 from mhr_jax.analysis import figures, gradients, routing
 from mhr_jax.analysis import run as analysis
 from mhr_jax import models
@@ -323,8 +324,7 @@ def test_gradient_leaves_by_adapter_kind(kind, leaves, tmp_path):
     bindings.append("AdapterConfig.n_splits = 1")
   config_lib.parse_gin(["configs/tiny.gin"], bindings)
   cfg = config_lib.load_config()
-  from mhr_jax.adapters import params as params_lib  # pylint: disable=g-import-not-at-top
-  params = params_lib.abstract_params(cfg.model)
+  params = param_counts.abstract_params(cfg.model)
   chosen = gradients.gradient_leaves(cfg, params)
   assert {p[-1] for p in chosen} == leaves
   assert gradients.gradient_group(cfg) == ("base" if kind == "none" else "adapters")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from mhr_jax.models import param_counts
 from mhr_jax.training import adaptation, losses, optim
 from mhr_jax import models, partitioning
 from mhr_jax.training import train_step as ts
@@ -30,7 +31,7 @@ def _random(cfg, seed=0):
   # Every leaf random (B too), so every trainable leaf has a gradient from the first step.
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.3).astype(np.float32),
-                      param_groups.abstract_params(cfg))
+                      param_counts.abstract_params(cfg))
 
 
 def _batch(b=4, li=6, lt=5):

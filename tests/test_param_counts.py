@@ -8,9 +8,9 @@ from flax import traverse_util
 from mhr_jax.training import optim
 from mhr_jax.adapters import transforms
 from mhr_jax.adapters.config import AdapterConfig
-from mhr_jax.adapters.params import (abstract_params, combine, count_params, default_rules,
-                                     method_report, param_labels, partition, routing_row_mask)
+from mhr_jax.adapters.params import combine, default_rules, param_labels, partition, routing_row_mask
 from mhr_jax.models import preset
+from mhr_jax.models.param_counts import abstract_params, count_params, method_report
 
 
 def _tiny(**adapter):

@@ -10,7 +10,7 @@ from flax import traverse_util
 
 import hf_oracle
 from mhr_jax.adapters.config import ALL_LINEAR, ATTENTION_ONLY, AdapterConfig
-from mhr_jax.adapters.params import abstract_params
+from mhr_jax.models.param_counts import abstract_params
 from mhr_jax.checkpoints.hf_t5 import load_hf_t5, merge_base_params
 from mhr_jax.checkpoints.peft import export_peft, import_peft, linear_modules
 from mhr_jax.models import T5

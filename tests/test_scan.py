@@ -10,6 +10,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 import hf_oracle
+from mhr_jax.models import param_counts
 from mhr_jax.evaluation import decoding
 from mhr_jax.training import losses, optim
 from mhr_jax import partitioning
@@ -101,7 +102,7 @@ def test_scanned_params_carry_a_layers_axis_and_match_the_layout_conversion():
   assert q["routing"]["logits"].names[0] == "layers"
   abstract = nn.unbox(boxed)
   assert q["kernel"].value.shape == (CFG.num_decoder_layers, CFG.d_model, CFG.inner_dim)
-  converted = layout.to_scanned(SCANNED, param_groups.abstract_params(CFG))
+  converted = layout.to_scanned(SCANNED, param_counts.abstract_params(CFG))
   assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == \
       jax.tree.map(lambda x: (x.shape, x.dtype), converted)
 
@@ -273,7 +274,7 @@ def test_hf_checkpoint_loads_into_both_layouts(tmp_path):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   # An unscanned base restores into a scanned adapted model.
   adapted = cfg.replace(adapter=MHR)
-  merged, report = hf_t5.merge_base_params(param_groups.abstract_params(adapted), unscanned)
+  merged, report = hf_t5.merge_base_params(param_counts.abstract_params(adapted), unscanned)
   assert not report.unexpected and all("lora" in k or "routing" in k for k in report.missing)
   np.testing.assert_array_equal(merged["encoder"]["layers"]["mlp"]["wo"]["kernel"],
                                 params["encoder"]["layers"]["mlp"]["wo"]["kernel"])

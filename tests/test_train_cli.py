@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from mhr_jax.models import param_counts
 from mhr_jax import config as config_lib
 from mhr_jax import cli, train
-from mhr_jax.adapters import params as params_lib
 from mhr_jax.models.config import preset
 from mhr_jax.checkpoints.run_state import restore_params
 
@@ -146,7 +146,7 @@ def _tiny_base(nan_at=None):
   """Random base weights of the tiny preset (numpy), optionally with one NaN entry."""
   cfg = preset("tiny")
   rng = np.random.default_rng(0)
-  abstract = params_lib.abstract_params(cfg)
+  abstract = param_counts.abstract_params(cfg)
   flat = {k: rng.normal(0, 0.05, v.shape).astype(np.float32)
           for k, v in traverse_util.flatten_dict(abstract).items()}
   if nan_at is not None:

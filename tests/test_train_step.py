@@ -8,6 +8,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from mhr_jax.models import param_counts
 from mhr_jax.training import losses, optim
 from mhr_jax import models, partitioning
 from mhr_jax.training import train_step as ts
@@ -25,7 +26,7 @@ OPT_CFG = optim.OptimizerConfig(name="adamw", adapter_lr=ADAPTER_LR, routing_lr=
 def _random_params(cfg, seed=0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.2).astype(np.float32),
-                      param_groups.abstract_params(cfg))
+                      param_counts.abstract_params(cfg))
 
 
 def _lm_batch(b=8, li=6, lt=5, seed=1):
@@ -333,7 +334,7 @@ def test_out_of_range_task_ids_are_refused_where_host_data_enters():
   """Under jit a routing gather would clamp an id >= n_tasks to the last row silently; the train and
   eval steps refuse host batches with such ids before running anything."""
   model = models.T5(CFG)
-  labels = param_groups.param_labels(param_groups.abstract_params(CFG), "mhr")
+  labels = param_groups.param_labels(param_counts.abstract_params(CFG), "mhr")
   tx = optim.make_optimizer(OPT_CFG, labels, 2)
   mesh = _mesh(1)
   shardings = ts.shardings_of(ts.abstract_train_state(model, labels, tx, mesh))

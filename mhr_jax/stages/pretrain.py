@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mhr_jax.models import param_counts
 from mhr_jax import config as config_lib
 from mhr_jax import models, partitioning
 from mhr_jax.training import optim, train_step
@@ -163,11 +164,11 @@ def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
   banner("state")
   model = models.T5(cfg.model)
   rules = config_lib.param_rules(cfg)
-  abstract = params_lib.abstract_params(cfg.model)
+  abstract = param_counts.abstract_params(cfg.model)
   labels = params_lib.param_labels(abstract, rules)
   optimizer = optim.make_optimizer(cfg.optimizer, labels, run_cfg.train_steps)
   abstract_state = train_step.abstract_train_state(model, labels, optimizer, mesh)
-  counts = params_lib.count_params(abstract, rules)
+  counts = param_counts.count_params(abstract, rules)
   log.info("params: %s total, %s trainable %s", f"{counts['total']:,}", f"{counts['trainable']:,}",
            {g: counts[g] for g in optim.TRAINED_GROUPS if counts.get(g)})
   root = jax.random.key(run_cfg.seed)

@@ -45,6 +45,7 @@ from t5x import partitioning as t5x_partitioning
 from t5x import train_state as t5x_train_state
 from t5x import utils as t5x_utils
 
+from mhr_jax.models import param_counts
 from mhr_jax import cli, models, partitioning
 from mhr_jax.checkpoints import run_state as run_checkpoints
 from mhr_jax.training import optim, train_step
@@ -298,7 +299,7 @@ def _task_rows(params: dict, cfg: models.T5Config) -> tuple[list, int | None]:
   Per-task leaves (routing logits, private adapters) have the task axis third from last
   (transforms.select_task_rows): a leaf of `params` that differs from the model's only there is one.
   """
-  want = traverse_util.flatten_dict(param_groups.abstract_params(cfg))
+  want = traverse_util.flatten_dict(param_counts.abstract_params(cfg))
   have = traverse_util.flatten_dict(params)
   rows = {}
   for path, leaf in want.items():

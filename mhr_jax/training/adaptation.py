@@ -32,6 +32,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mhr_jax.models import param_counts
 from mhr_jax.training import losses, optim
 from mhr_jax import models, partitioning
 from mhr_jax.training import train_step as ts
@@ -72,7 +73,7 @@ class AdaptationResult:
 
 def _has_adapter(model_cfg: models.T5Config, params) -> bool:
   """Whether `params` carry the adapter leaves of `model_cfg` (False: a plain base model)."""
-  wanted = {p for p in traverse_util.flatten_dict(dict(param_groups.abstract_params(model_cfg)))
+  wanted = {p for p in traverse_util.flatten_dict(dict(param_counts.abstract_params(model_cfg)))
             if p[-1] in transforms.ADAPTER_LEAVES}
   present = set(traverse_util.flatten_dict(dict(params)))
   return not wanted or wanted <= present
