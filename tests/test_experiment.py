@@ -15,46 +15,22 @@ import pytest
 from mhr_jax import cli
 from mhr_jax.experiment import runner as experiment
 from mhr_jax import config as config_lib
+from tiny_runs import TINY_EXPERIMENT, kill_at_checkpointer
 
 REPO = config_lib.REPO_ROOT
 # Only against a hung run: one experiment run below took 300 s on a loaded 2-core machine.
 HANG_GUARD_S = 3600
-TINY = """
-include 'configs/models/tiny.gin'
-MODEL_DIR = %gin.REQUIRED
-Experiment.model_dir = %MODEL_DIR
+TINY = TINY_EXPERIMENT + """
 Experiment.pretrain = ('mhr', 'lora')
 Experiment.adapt = ('mhr', 'mhr-z', 'mhr-mu', 'lora')
 Experiment.controls = ('lora',)
 Experiment.zero_shot = ('base', 'mhr-mu')
 Experiment.mu_steps = 2
 Experiment.analysis_grad_batches = 1
-DataConfig.source = 'synthetic'
-DataConfig.task = 'synthetic_train'
-DataConfig.synthetic_train_tasks = 4
-DataConfig.synthetic_test_tasks = 1
-DataConfig.synthetic_instances = 110
-DataConfig.batch_size = 8
-DataConfig.input_len = 32
-DataConfig.target_len = 16
-AdapterConfig.n_tasks = 4
-AdapterConfig.n_skills = 2
-AdapterConfig.n_splits = 2
-AdapterConfig.gumbel = False
-OptimizerConfig.name = 'adamw'
-OptimizerConfig.adapter_lr = 1e-2
-OptimizerConfig.routing_lr = 1.0
-OptimizerConfig.warmup_steps = 0
-RunConfig.model_dir = %MODEL_DIR
-RunConfig.log_every = 1
 RunConfig.checkpoint_every = 2
-RunConfig.keep_checkpoints = 1
-base/DataConfig.prompt = 'definition'
-base/DataConfig.input_len = 96
 base/RunConfig.train_steps = 3
 pretrain/RunConfig.train_steps = 3
 adapt/RunConfig.train_steps = 2
-adapt/AdaptConfig.shots = 4
 adapt/AdaptConfig.seeds = (13, 42)
 """
 ROWS = ["base (zero-shot)", "mhr-mu (zero-shot)", "mhr", "mhr-z", "mhr-mu", "lora", "lora (no pre-training)"]
@@ -184,23 +160,7 @@ def _tmp_files(model_dir):
           if ".tmp" in os.path.basename(p) and not p.endswith(".orbax-checkpoint-tmp")]
 
 
-# `python -m mhr_jax.experiment ARGS` that SIGKILLs itself as soon as it opens a run checkpoint directory under
-# PREFIX: the kill lands at that moment whatever the machine's speed or load. (A watcher process polling for
-# the directory sees it late when it is starved of CPU, and the stage may by then have finished.)
-KILL_AT_CHECKPOINTER = """
-import os, runpy, signal, sys
-from mhr_jax.checkpoints import run_state as run_checkpoints
-prefix, init = sys.argv[1], run_checkpoints.RunCheckpointer.__init__
-
-def init_then_kill(self, directory, *args, **kwargs):
-  init(self, directory, *args, **kwargs)
-  if os.path.abspath(directory).startswith(prefix):
-    os.kill(os.getpid(), signal.SIGKILL)
-
-run_checkpoints.RunCheckpointer.__init__ = init_then_kill
-sys.argv = ["mhr_jax.experiment", *sys.argv[2:]]
-runpy.run_module("mhr_jax.experiment", run_name="__main__", alter_sys=True)
-"""
+KILL_AT_CHECKPOINTER = kill_at_checkpointer("mhr_jax.experiment")
 
 
 def test_kill_9_then_rerun_finishes_with_the_same_table(finished, env, config_file, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from mhr_jax import cli
 from mhr_jax import config as config_lib
+from tiny_runs import TINY_EXPERIMENT
 
 REPO = config_lib.REPO_ROOT
 STEPS = 3
@@ -185,35 +186,21 @@ def test_a_sigterm_to_one_process_stops_every_process_at_one_step(env, tmp_path,
     assert b["final_loss"] == a["final_loss"]
 
 
-POD_EXPERIMENT = """
-include 'configs/models/tiny.gin'
-MODEL_DIR = %gin.REQUIRED
-Experiment.model_dir = %MODEL_DIR
+POD_EXPERIMENT = TINY_EXPERIMENT + """
+DataConfig.synthetic_test_tasks = 2
 Experiment.pretrain = ('mhr',)
 Experiment.adapt = ('mhr', 'mhr-z')
 Experiment.controls = ()
 Experiment.zero_shot = ('base',)
 Experiment.analysis = False
-DataConfig.source = 'synthetic'
-DataConfig.task = 'synthetic_train'
-DataConfig.synthetic_train_tasks = 4
-DataConfig.synthetic_test_tasks = 2
-DataConfig.synthetic_instances = 110
-DataConfig.batch_size = 8
-DataConfig.input_len = 32
-DataConfig.target_len = 16
-AdapterConfig.n_tasks = 4
-AdapterConfig.n_skills = 2
-AdapterConfig.n_splits = 2
-OptimizerConfig.name = 'adamw'
-OptimizerConfig.warmup_steps = 0
-RunConfig.model_dir = %MODEL_DIR
-RunConfig.log_every = 1
+OptimizerConfig.adapter_lr = 1e-3
+OptimizerConfig.routing_lr = 0.1
 RunConfig.checkpoint_every = 100
+base/DataConfig.prompt = None
+base/DataConfig.input_len = 32
 base/RunConfig.train_steps = 2
 pretrain/RunConfig.train_steps = 2
 adapt/RunConfig.train_steps = 2
-adapt/AdaptConfig.shots = 4
 adapt/AdaptConfig.seeds = (13, 42)
 adapt/MeshConfig.data = 1
 """

@@ -11,6 +11,7 @@ import pytest
 
 from mhr_jax.experiment import statistics, study
 from mhr_jax.errors import ConfigError
+from tiny_runs import TINY_EXPERIMENT, kill_at_checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 3600  # only against a hung run
@@ -196,37 +197,21 @@ def test_report_names_what_is_missing(tmp_path):
 
 # ---------------------------------------------------------------------------- end to end, through a kill -9
 
-TINY_STUDY = """
-include 'configs/models/tiny.gin'
-MODEL_DIR = %gin.REQUIRED
-Experiment.model_dir = %MODEL_DIR
+TINY_STUDY = TINY_EXPERIMENT + """
+DataConfig.synthetic_test_tasks = 2
 Experiment.pretrain = ('mhr', 'lora')
 Experiment.adapt = ('mhr', 'lora')
 Experiment.controls = ()
 Experiment.zero_shot = ()
 Experiment.analysis = False
-DataConfig.source = 'synthetic'
-DataConfig.task = 'synthetic_train'
-DataConfig.synthetic_train_tasks = 4
-DataConfig.synthetic_test_tasks = 2
-DataConfig.synthetic_instances = 110
-DataConfig.batch_size = 8
-DataConfig.input_len = 32
-DataConfig.target_len = 16
-AdapterConfig.n_tasks = 4
-AdapterConfig.n_skills = 2
-AdapterConfig.n_splits = 2
-AdapterConfig.gumbel = False
-OptimizerConfig.name = 'adamw'
-OptimizerConfig.warmup_steps = 0
-RunConfig.model_dir = %MODEL_DIR
-RunConfig.log_every = 1
+OptimizerConfig.adapter_lr = 1e-3
+OptimizerConfig.routing_lr = 0.1
 RunConfig.checkpoint_every = 1
-RunConfig.keep_checkpoints = 1
+base/DataConfig.prompt = None
+base/DataConfig.input_len = 32
 base/RunConfig.train_steps = 2
 pretrain/RunConfig.train_steps = 2
 adapt/RunConfig.train_steps = 2
-adapt/AdaptConfig.shots = 4
 Study.model_dir = %MODEL_DIR
 Study.pretrain_seeds = (0,)
 Study.adapt_seeds = (13,)
@@ -234,23 +219,7 @@ Study.n_resamples = 200
 Study.hypotheses = ({'id': 'H1', 'claim': 'MHR beats LoRA', 'a': 'adapt/mhr', 'b': 'adapt/lora',
                      'test': 'superiority'},)
 """
-
-# `python -m mhr_jax.experiment.study ARGS` that SIGKILLs itself when it opens a run checkpoint directory under PREFIX, so
-# the kill lands at that moment whatever the machine's speed.
-KILL_AT_CHECKPOINTER = """
-import os, runpy, signal, sys
-from mhr_jax.checkpoints import run_state as run_checkpoints
-prefix, init = sys.argv[1], run_checkpoints.RunCheckpointer.__init__
-
-def init_then_kill(self, directory, *args, **kwargs):
-  init(self, directory, *args, **kwargs)
-  if os.path.abspath(directory).startswith(prefix):
-    os.kill(os.getpid(), signal.SIGKILL)
-
-run_checkpoints.RunCheckpointer.__init__ = init_then_kill
-sys.argv = ["mhr_jax.experiment.study", *sys.argv[2:]]
-runpy.run_module("mhr_jax.experiment.study", run_name="__main__", alter_sys=True)
-"""
+KILL_AT_CHECKPOINTER = kill_at_checkpointer("mhr_jax.experiment.study")
 
 
 def test_a_study_resumes_after_kill_9_and_reports_its_cells(env, tmp_path):

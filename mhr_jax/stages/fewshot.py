@@ -227,29 +227,33 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   # on its own devices, and process 0 writes the gathered results.
   multi = jax.process_count() > 1
   mine = list(range(jax.process_index(), len(pairs), jax.process_count()))
+  # A process without a pair of its own (more processes than pairs) trains a copy of pair 0 and discards it,
+  # so that every process takes part in the same collectives (the stop agreement, the gathering).
+  work = mine or [0]
   if multi:
-    log.info("this process adapts pairs %s on %s", mine, partitioning.describe(mesh))
+    log.info("this process adapts pairs %s on %s", mine or "none (a discarded copy of pair 0)",
+             partitioning.describe(mesh))
 
   banner("state")
   params = _start_params(cfg, start)
-  keys = jax.numpy.stack([pair_key(*pairs[i]) for i in mine])
+  keys = jax.numpy.stack([pair_key(*pairs[i]) for i in work])
 
   banner("loop")
   steps = run_cfg.train_steps
   if not steps:
     log.info("RunConfig.train_steps=0: evaluating the %s starting point zero-shot", a.method)
   sequential = not methods.get(a.method).vmapped
-  batches = (fewshot_data.PairBatches(benchmark.train_streams(mine), keep_all=sequential)
+  batches = (fewshot_data.PairBatches(benchmark.train_streams(work), keep_all=sequential)
              if steps else None)
   select = {}
   if a.select_every and steps:
-    select = ({"dev_batches": benchmark.dev_batches(mine)} if a.select_metric == "loss"
-              else {"select": fewshot_eval.dev_scorer(benchmark, mesh, mine)})
+    select = ({"dev_batches": benchmark.dev_batches(work)} if a.select_metric == "loss"
+              else {"select": fewshot_eval.dev_scorer(benchmark, mesh, work)})
     log.info("best-on-dev: every %d steps by dev %s", a.select_every, a.select_metric)
   own = f"process_{jax.process_index()}" if multi else ""
   resume = _OrbaxResume(os.path.join(model_dir, "resume", own), run_cfg.checkpoint_every, steps, stop,
                         run_cfg.async_checkpoints) if steps else None
-  bar = progress_bar(0, steps * (len(mine) if sequential else 1))
+  bar = progress_bar(0, steps * (len(work) if sequential else 1))
   try:
     # Sequential pairs make one group each; a process with fewer than the most steps through the rest.
     most = -(-len(pairs) // jax.process_count()) if sequential else 1
@@ -284,7 +288,7 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
       return status
   rows = sorted((r for rows_of in _allgather_json(rows) for r in rows_of), key=lambda r: r["index"])
   checkpoints = None
-  if steps:  # the adapted parameters (zero-shot evaluation trains nothing: its start is kept elsewhere)
+  if steps and mine:  # the adapted parameters (zero-shot evaluation trains nothing: its start is kept elsewhere)
     checkpointer = _own_checkpointer(os.path.join(model_dir, "checkpoints", own), None, run_cfg.async_checkpoints)
     # A run stopped after this save but before results.json has it already: the same parameters (they come
     # from the resumed final state), so it is kept.
