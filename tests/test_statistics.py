@@ -193,7 +193,7 @@ def test_imports_without_jax_tensorflow_or_seqio():
   code = ("import sys\n"
           "for name in ('jax', 'jaxlib', 'flax', 'tensorflow', 'seqio'):\n"
           "  sys.modules[name] = None\n"
-          "from mhr_jax.experiment import report, statistics, study, study_plots\n"
+          "from mhr_jax.experiment import report, statistics, study, study_plots, study_report\n"
           "statistics.paired_bootstrap([{'diff': 1.0, 'task': None, 'seeds': [0]}])\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                         capture_output=True, text=True)

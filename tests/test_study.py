@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from mhr_jax.experiment import statistics, study
-from mhr_jax.errors import ConfigError
+from mhr_jax.experiment import statistics, study, study_report
+from mhr_jax.errors import ConfigError, RunError
 from tiny_runs import TINY_EXPERIMENT, kill_at_checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,14 +132,14 @@ def _fake_study(root):
                "test": "superiority"},
               {"id": "H6", "claim": "zero-shot", "a": "zeroshot/mhr-mu", "b": "zeroshot/lora", "test": "superiority"},
               {"id": "H7", "claim": "full", "a": "adapt/poly", "b": "adapt/full", "test": "superiority"}]}
-  _write(os.path.join(root, study.PLAN_FILE), plan)
+  _write(os.path.join(root, study_report.PLAN_FILE), plan)
   return plan
 
 
 def test_report_from_cell_results(tmp_path):
   root = str(tmp_path / "s")
   _fake_study(root)
-  files = study.report(root)
+  files = study_report.report(root)
   with open(files["json"]) as f:
     results = json.load(f)
   rows = {r["id"]: r for r in results["hypotheses"]}
@@ -187,12 +187,12 @@ def test_report_names_what_is_missing(tmp_path):
   root = str(tmp_path / "s")
   plan = _fake_study(root)
   plan["hypotheses"].append({"id": "H8", "claim": "c", "a": "zeroshot/lora", "b": "adapt/lora", "test": "superiority"})
-  _write(os.path.join(root, study.PLAN_FILE), plan)
-  with pytest.raises(study.RunError, match="H8: zeroshot/lora and adapt/lora have no observation in common"):
-    study.report(root)
+  _write(os.path.join(root, study_report.PLAN_FILE), plan)
+  with pytest.raises(RunError, match="H8: zeroshot/lora and adapt/lora have no observation in common"):
+    study_report.report(root)
   os.remove(os.path.join(plan["cells"][1]["dir"], "adapt", "poly", "results.json"))
-  with pytest.raises(study.RunError, match="seed0/adapt/poly has no results"):
-    study.report(root)
+  with pytest.raises(RunError, match="seed0/adapt/poly has no results"):
+    study_report.report(root)
 
 
 # ---------------------------------------------------------------------------- end to end, through a kill -9
@@ -231,7 +231,7 @@ def test_a_study_resumes_after_kill_9_and_reports_its_cells(env, tmp_path):
   killed = subprocess.run([sys.executable, "-c", KILL_AT_CHECKPOINTER, marker, *flags], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert os.path.isfile(os.path.join(model_dir, study.PLAN_FILE))  # the hypotheses, fixed before any cell ran
+  assert os.path.isfile(os.path.join(model_dir, study_report.PLAN_FILE))  # the hypotheses, fixed before any cell ran
   assert not os.path.exists(os.path.join(model_dir, "results.json"))
   command = [sys.executable, "-m", "mhr_jax.experiment.study", *flags]
   resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
