@@ -212,15 +212,18 @@ def test_authors_validation_task_list_is_shipped_and_selectable(clone, tmp_path)
 
 
 def test_fewshot_decoding_uses_the_configured_beams(clone, vocab, monkeypatch):
-  """SuperNI-format pairs decode their test and dev splits with AdaptConfig.num_beams (the authors: 4)."""
+  """SuperNI-format pairs decode their test and dev splits with AdaptConfig.num_beams (the authors: 4), the
+  16-example dev split in a batch of 16, not of the 100-row evaluation batch."""
   from mhr_jax import config as config_lib
   from mhr_jax.data import fewshot as fewshot_data
   from mhr_jax.evaluation import drivers
   from mhr_jax.evaluation import fewshot as fewshot_eval
-  seen = []
+  seen, shapes = [], []
 
   def fake_generate(model, params, batches, max_len, **kwargs):
     seen.append(kwargs["num_beams"])
+    batches = list(batches)
+    shapes.append([b["encoder_input_tokens"].shape[0] for b in batches])
     rows = sum(int(np.sum(b["example_index"] >= 0)) for b in batches)  # padding rows dropped
     return np.full((rows, 2), vocab.encode("a")[0], np.int32)
 
@@ -230,12 +233,21 @@ def test_fewshot_decoding_uses_the_configured_beams(clone, vocab, monkeypatch):
       data=config_lib.DataConfig(source="superni", task="superni_train", data_dir=clone, vocabulary="byte"),
       loss=config_lib.LossConfig(), optimizer=config_lib.OptimizerConfig(), mesh=config_lib.MeshConfig(),
       run=config_lib.RunConfig(model_dir=str(clone) + "/run"),
-      adapt=config_lib.AdaptConfig(shots=16, seeds=(13,), num_beams=4, tasks=("task010_heldout",)))
+      adapt=config_lib.AdaptConfig(shots=16, seeds=(13,), num_beams=4, tasks=("task010_heldout",),
+                                   eval_batch_size=100))
   registration = superni.register_superni(clone, vocab, fewshot_ks=(16,), fewshot_seeds=(13,))
   pairs = fewshot_data.SuperNIPairs(cfg, registration, vocab)
   result = fewshot_eval.evaluate(pairs, None, None, 0, None)
   assert len(result["predictions"]) == 100 and seen == [4]
   fewshot_eval.dev_scorer(pairs, None, [0])(None, {}, {}, slice(0, 1))
-  assert seen == [4, 4]
+  assert seen == [4, 4] and shapes == [[100], [16]]
   with pytest.raises(config_lib.ConfigError, match=r"^AdaptConfig.num_beams=0: must be >= 1"):
     config_lib.AdaptConfig(num_beams=0)
+
+
+def test_decode_batch_size_fits_small_splits():
+  from mhr_jax.evaluation.fewshot import decode_batch_size
+  assert [decode_batch_size(n, 100) for n in (1, 3, 16, 17, 64, 65, 100, 250)] == [1, 4, 16, 32, 64, 100,
+                                                                                  100, 100]
+  assert [decode_batch_size(n, 96, shards=8) for n in (1, 16, 20, 90)] == [8, 16, 32, 96]
+  assert decode_batch_size(5, 12, shards=6) == 12  # 8 rounded up to the shards, then capped

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from mhr_jax import partitioning
 from mhr_jax.adapters import params as param_groups
 from mhr_jax.data.fewshot import SuperNIPairs, T0Pairs
 from mhr_jax.evaluation import drivers, metrics
@@ -21,11 +22,22 @@ from mhr_jax.evaluation import drivers, metrics
 TASK_ID = 0  # an adapted model's only task is the new one
 
 
+def decode_batch_size(n_examples: int, eval_batch_size: int, shards: int = 1) -> int:
+  """The batch that decodes a split of n_examples: eval_batch_size, or for a smaller split (a 16-example dev
+  split against a batch of 100) the smallest power of two that holds it, rounded up to a multiple of the
+  mesh's batch shards. Padding rows cost as much as real ones, and powers of two keep the compiled shapes
+  few. eval_batch_size is itself a multiple of shards (config.check_config)."""
+  fitted = max(1 << max(n_examples - 1, 0).bit_length(), shards)
+  return min(eval_batch_size, -(-fitted // shards) * shards)
+
+
 def _generate(benchmark: SuperNIPairs, model, params, examples, mesh) -> tuple[dict, list[str]]:
   """(official metrics, predictions) of greedy decoding of `examples`."""
   from mhr_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   d = benchmark.data
-  batches = pipeline.generation_batches(examples, benchmark.vocabulary, benchmark.eval_batch_size, d.input_len)
+  shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in partitioning.BATCH_AXES]))
+  batch_size = decode_batch_size(len(examples), benchmark.eval_batch_size, shards)
+  batches = pipeline.generation_batches(examples, benchmark.vocabulary, batch_size, d.input_len)
   tokens = drivers.generate(model, params, batches, d.target_len, mesh=mesh, task_id=TASK_ID,
                             num_beams=benchmark.num_beams)
   predictions = drivers.decode_texts(benchmark.vocabulary, tokens)
