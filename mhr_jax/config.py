@@ -36,7 +36,8 @@ from mhr_jax.training.losses import LossConfig
 from mhr_jax.models.config import T5Config, preset
 from mhr_jax.training.optim import OptimizerConfig
 from mhr_jax.partitioning import MeshConfig
-from mhr_jax.storage import check_local_paths, read_json, write_json_atomic, write_text_atomic
+from mhr_jax import storage
+from mhr_jax.storage import read_json, write_json_atomic, write_text_atomic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("pretrain", "adapt")
@@ -79,7 +80,8 @@ class ModelConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Training data (as T5X's DatasetConfig, plus where the tasks come from).
+  """Training data (as T5X's DatasetConfig, plus where the tasks come from). Paths may be URLs
+  (gs://BUCKET/path, ...: mhr_jax/storage.py).
 
   Attributes:
     source: which tasks/ module registers the data: "synthetic" (the embedded suite, generated into
@@ -140,7 +142,7 @@ class DataConfig:
   t0_cap: str = "authors"
 
   def __post_init__(self):
-    check_local_paths("DataConfig", self, ("data_dir", "vocabulary", "catalog", "test_task_list"))
+    storage.check_paths("DataConfig", self, ("data_dir", "vocabulary", "catalog", "test_task_list"))
     _check([
         (self.prompt is None or self.prompt in PROMPTS,
          f"DataConfig.prompt={self.prompt!r}: expected one of {PROMPTS} or None"),
@@ -160,11 +162,11 @@ class DataConfig:
         (self.host_input in HOST_INPUTS,
          f"DataConfig.host_input={self.host_input!r}: expected one of {HOST_INPUTS}"),
         (self.source == "synthetic" or bool(self.data_dir),
-         f"DataConfig.data_dir: required for source {self.source!r} (the dataset's local copy)"),
+         f"DataConfig.data_dir: required for source {self.source!r} (the dataset's copy)"),
     ])
-    if self.source != "synthetic" and not os.path.isdir(self.data_dir):
+    if self.source != "synthetic" and not storage.isdir(self.data_dir):
       raise ConfigError(f"DataConfig.data_dir={self.data_dir!r}: no such directory")
-    if self.catalog is not None and (self.source != "t0" or not os.path.isfile(self.catalog)):
+    if self.catalog is not None and (self.source != "t0" or not storage.isfile(self.catalog)):
       raise ConfigError(f"DataConfig.catalog={self.catalog!r}: " + (
           "no such file" if self.source == "t0" else "only used with DataConfig.source='t0'"))
     if self.test_task_list is not None:
@@ -181,9 +183,10 @@ class DataConfig:
 
 def _repo_file(path: str, key: str) -> str:
   """`path` as given when it exists, else relative to the repository root; ConfigError otherwise."""
-  for candidate in (path, os.path.join(REPO_ROOT, path)):
-    if os.path.isfile(candidate):
-      return os.path.abspath(candidate)
+  candidates = [path] if storage.is_url(path) else [path, os.path.join(REPO_ROOT, path)]
+  for candidate in candidates:
+    if storage.isfile(candidate):
+      return storage.absolute(candidate)
   raise ConfigError(f"{key}={path!r}: no such file")
 
 
@@ -191,6 +194,9 @@ def _repo_file(path: str, key: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Where the run lives and how it proceeds.
+
+  Path settings take local paths or URLs (mhr_jax/storage.py); run directories (model_dir, init_run,
+  pretrain_dir) a local path or gs://BUCKET/path.
 
   Attributes:
     model_dir: run directory (config.gin, metrics.jsonl, TensorBoard events, checkpoints/, results).
@@ -228,7 +234,8 @@ class RunConfig:
   param_rules: tuple | None = None
 
   def __post_init__(self):
-    check_local_paths("RunConfig", self, ("model_dir", "init_checkpoint", "init_run", "pretrain_dir"))
+    storage.check_paths("RunConfig", self, ("model_dir", "init_checkpoint", "init_run", "pretrain_dir"),
+                        run_dirs=("model_dir", "init_run", "pretrain_dir"))
     _check([
         (bool(self.model_dir), "RunConfig.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\""),
         (self.train_steps >= (0 if self.mode == "adapt" else 1),
@@ -254,7 +261,7 @@ class RunConfig:
         (self.init_transform is None or self.init_run is not None,
          "RunConfig.init_transform applies to RunConfig.init_run; set init_run too"),
     ])
-    if self.init_checkpoint is not None and not os.path.isdir(self.init_checkpoint):
+    if self.init_checkpoint is not None and not storage.isdir(self.init_checkpoint):
       raise ConfigError(f"RunConfig.init_checkpoint={self.init_checkpoint!r}: no such directory")
 
 
@@ -466,11 +473,10 @@ def hf_architecture(init_checkpoint: str) -> T5Config:
   """The T5Config of a Hugging Face directory's config.json (the weights are read later)."""
   from mhr_jax.checkpoints import hf_t5  # pylint: disable=g-import-not-at-top
   path = os.path.join(init_checkpoint, hf_t5.CONFIG_FILE)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ConfigError(f"RunConfig.init_checkpoint={init_checkpoint!r}: no {hf_t5.CONFIG_FILE}")
   try:
-    with open(path) as f:
-      return hf_t5.config_from_hf(json.load(f), path)
+    return hf_t5.config_from_hf(json.loads(storage.read_text(path)), path)
   except ValueError as e:  # includes json.JSONDecodeError
     raise ConfigError(f"RunConfig.init_checkpoint: {e}") from None
 
@@ -499,6 +505,7 @@ def load_run_config(gin_files: Sequence[str], bindings: Sequence[str] = (),
   with gin.config_scope(scope):
     cfg = resolve_config()
   text = operative_config() if scope is None else to_gin(cfg)
+  storage.check_reachable(cfg.run.model_dir, "RunConfig.model_dir")
   check_run_dir(cfg.run.model_dir, cfg)
   return cfg, text
 
@@ -604,7 +611,7 @@ def _read_record(run_dir: str) -> dict:
   path = os.path.join(run_dir, RUN_RECORD)
   record = read_json(path)
   if record is None:
-    what = ("a run written without it by an older mhr-jax" if os.path.isfile(os.path.join(run_dir, "config.gin"))
+    what = ("a run written without it by an older mhr-jax" if storage.isfile(os.path.join(run_dir, "config.gin"))
             else "not a run directory")
     raise ConfigError(f"{run_dir}: no {RUN_RECORD} there ({what})")
   return record
@@ -645,7 +652,7 @@ def check_run_dir(model_dir: str, cfg: ExperimentConfig, fix: str = "use a new M
   A directory without config.gin is fresh. `architecture_only`: compare the base model only (a fresh
   adapter on that run's base).
   """
-  if not os.path.exists(os.path.join(model_dir, "config.gin")):
+  if not storage.exists(os.path.join(model_dir, "config.gin")):
     return
   saved, current = saved_model_config(model_dir), cfg.model
   if architecture_only:

@@ -2,7 +2,8 @@
 
 Only process 0 writes files; every process logs to its own console. TensorBoard events go through
 clu's metric writers when TensorFlow is installed (clu's SummaryWriter needs it); without it the run
-still writes metrics.jsonl and says so once.
+still writes metrics.jsonl and says so once. In a URL run directory (gs://...) both files are uploaded whole
+at checkpoints (objects cannot be appended to).
 """
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
+from mhr_jax import storage
 from mhr_jax.models.config import T5Config
 
 log = logging.getLogger("mhr_jax")
+# How often at most a URL run directory's growing files (metrics.jsonl, TensorBoard events) are uploaded
+# between checkpoints: each upload rewrites the whole object.
+UPLOAD_EVERY_S = 60.0
 
 # Dense peak FLOP/s per device (bf16) by `device_kind` prefix; MFU is left out for unknown devices.
 _PEAK_FLOPS = (
@@ -145,8 +150,12 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsJsonl:
-  """Appends one JSON object per logged step to `path` (process 0 only).
+  """One JSON object per logged step in `path` (process 0 only).
 
+  A local file gets each line appended as it is logged. An object (a URL) cannot be appended to: the lines
+  are kept here and `sync` rewrites the object whole, at each checkpoint (`sync()`), at most every
+  UPLOAD_EVERY_S seconds otherwise (`sync(force=False)`) and at `close`. Lines a killed run never uploaded
+  come after its last checkpoint: a resume drops those anyway.
   Resuming from checkpoint step `resume_step` first drops the lines written after it, so the
   file holds each step once, exactly as an uninterrupted run would.
   """
@@ -154,37 +163,60 @@ class MetricsJsonl:
   def __init__(self, path: str, resume_step: int | None = None):
     self.path = path
     self._active = jax.process_index() == 0
-    if not self._active:
+    self._whole = storage.is_url(path)  # rewritten whole by `sync`
+    self._lines: list[str] = []
+    self._unsynced = False
+    self._synced_at = time.monotonic()
+    if not self._active or not storage.exists(path):
       return
-    if os.path.exists(path):
-      keep = []
-      with open(path) as f:
-        for line in f:
-          try:
-            step = json.loads(line)["step"]
-          except (json.JSONDecodeError, KeyError):
-            continue  # a line cut short by a killed run
-          if resume_step is not None and step <= resume_step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-      tmp = f"{path}.tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, path)
+    keep = []
+    for line in storage.read_text(path).splitlines():
+      try:
+        step = json.loads(line)["step"]
+      except (json.JSONDecodeError, KeyError):
+        continue  # a line cut short by a killed run
+      if resume_step is not None and step <= resume_step:
+        keep.append(line + "\n")
+    storage.write_text_atomic(path, "".join(keep))
+    self._lines = keep if self._whole else []
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self._active:
       return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
+    line = json.dumps(record) + "\n"
+    if not self._whole:
+      storage.append_text(self.path, line)
+      return
+    self._lines.append(line)
+    self._unsynced = True
+
+  def sync(self, force: bool = True) -> None:
+    """Uploads the lines of an object (a no-op for a local file, written as it goes); `force=False`: only when
+    UPLOAD_EVERY_S seconds have passed since the last upload."""
+    if not (self._active and self._whole and self._unsynced):
+      return
+    if force or time.monotonic() - self._synced_at >= UPLOAD_EVERY_S:
+      storage.write_text_atomic(self.path, "".join(self._lines))
+      self._unsynced, self._synced_at = False, time.monotonic()
+
+  def close(self) -> None:
+    self.sync()
 
 
 class TensorBoard:
-  """Scalar metrics as TensorBoard events under `logdir` through clu (process 0 only)."""
+  """Scalar metrics as TensorBoard events under `logdir` through clu (process 0 only).
+
+  TensorFlow's event writer reaches local paths (its own Cloud Storage client has no endpoint setting, so it
+  could not reach a loopback server): for a URL it writes into a local scratch directory, and `sync` uploads
+  the event files whole, on MetricsJsonl's schedule. A resumed run adds its own event file, as locally.
+  """
 
   def __init__(self, logdir: str):
     self._writer = None
+    self._remote = logdir if storage.is_url(logdir) else None
+    self._local = logdir
+    self._synced_at = time.monotonic()
     if jax.process_index() != 0:
       return
     try:
@@ -192,16 +224,34 @@ class TensorBoard:
     except ImportError as e:
       log.info("TensorBoard events off (clu metric writers need TensorFlow: %s)", e)
       return
-    self._writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(logdir)])
+    if self._remote is not None:
+      self._local = storage.local_scratch_dir("mhr_jax_tensorboard_")
+    self._writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(self._local)])
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if self._writer is not None:
       self._writer.write_scalars(int(step), {k: float(v) for k, v in metrics.items()})
 
+  def sync(self, force: bool = True) -> None:
+    """Uploads the event files when `logdir` is a URL; `force=False`: only every UPLOAD_EVERY_S seconds."""
+    if self._writer is None or self._remote is None:
+      return
+    if force or time.monotonic() - self._synced_at >= UPLOAD_EVERY_S:
+      self._writer.flush()
+      self._upload()
+
+  def _upload(self) -> None:
+    for name in storage.listdir(self._local):
+      storage.upload(os.path.join(self._local, name), os.path.join(self._remote, name))
+    self._synced_at = time.monotonic()
+
   def close(self) -> None:
     if self._writer is not None:
       self._writer.flush()
       self._writer.close()
+      if self._remote is not None:
+        self._upload()
+        storage.rmtree(self._local)
       self._writer = None
 
 

@@ -1,6 +1,7 @@
 """Super-NaturalInstructions (natural-instructions v2) as SeqIO tasks.
 
-Reads a local clone of allenai/natural-instructions:
+Reads a clone of allenai/natural-instructions, a local directory or a URL (gs://..., ram://...; read through
+mhr_jax/storage.py):
   <clone>/tasks/<task>.json  "Definition" (list of str; a str in old versions), "Positive Examples" and
                              "Negative Examples" ([{input, output, explanation}]), "Instances"
                              ([{id, input, output: [str, ...]}]), and metadata (Source, Categories, ...).
@@ -41,6 +42,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import seqio
 
+from mhr_jax import storage
 from tasks import examples_dataset, replace_mixture, replace_task, seqio_name
 
 TEST_INSTANCES = 100
@@ -55,7 +57,7 @@ _FEWSHOT_SPLIT = re.compile(r"^(train|dev)_k(\d+)_seed(\d+)$")
 
 
 def _check_clone(clone_dir: str) -> None:
-  if not os.path.isdir(os.path.join(clone_dir, "tasks")):
+  if not storage.isdir(os.path.join(clone_dir, "tasks")):
     raise FileNotFoundError(f"{clone_dir}: not a natural-instructions clone (no tasks/ directory)")
 
 
@@ -99,11 +101,10 @@ def _validate_task(path: str, data) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _load_task_file(path: str, mtime_ns: int, size: int) -> dict:
-  del mtime_ns, size  # cache key only: a rewritten file is read again
+def _load_task_file(path: str, file_version: tuple) -> dict:
+  del file_version  # cache key only: a rewritten file is read again
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
   _validate_task(path, data)
@@ -114,18 +115,18 @@ def load_task(clone_dir: str, task_name: str) -> dict:
   """The validated JSON of one task (cached per file version; do not mutate)."""
   _check_clone(clone_dir)
   path = task_path(clone_dir, task_name)
-  if not os.path.isfile(path):
-    raise ValueError(f"unknown SuperNI task {task_name!r}: {path} does not exist")
-  st = os.stat(path)
-  return _load_task_file(path, st.st_mtime_ns, st.st_size)
+  try:
+    file_version = storage.version(path)  # one request for an object
+  except FileNotFoundError:
+    raise ValueError(f"unknown SuperNI task {task_name!r}: {path} does not exist") from None
+  return _load_task_file(path, file_version)
 
 
 def read_task_list(path: str) -> list[str]:
   """Task names from a list file (one per line; blank lines ignored)."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path}: task list file not found")
-  with open(path, encoding="utf-8") as f:
-    names = [line.strip() for line in f if line.strip()]
+  names = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
   if not names:
     raise ValueError(f"{path}: task list is empty")
   dupes = sorted({n for n in names if names.count(n) > 1})
@@ -278,9 +279,9 @@ def _split_ids(spec: _TaskSpec, split: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1024)  # holds a full training mixture (756 tasks x <= 100 examples)
-def _split_examples_cached(spec: _TaskSpec, split: str, vocabulary_id: int, mtime_ns: int
+def _split_examples_cached(spec: _TaskSpec, split: str, vocabulary_id: int, file_version: tuple | None
                            ) -> tuple[dict, ...]:
-  del vocabulary_id, mtime_ns  # cache key only (the spec keeps its vocabulary alive, so the id is stable)
+  del vocabulary_id, file_version  # cache key only (the spec keeps its vocabulary alive, so the id is stable)
   task = load_task(spec.clone_dir, spec.task_name)
   by_id = {inst["id"]: inst for inst in task["Instances"]}
   fits = None
@@ -313,9 +314,11 @@ def _split_examples_cached(spec: _TaskSpec, split: str, vocabulary_id: int, mtim
 
 def _split_examples(spec: _TaskSpec, split: str) -> tuple[dict, ...]:
   """Formatted examples of one split: dicts with inputs, targets, references, task_ids, instance_id."""
-  path = task_path(spec.clone_dir, spec.task_name)
-  mtime_ns = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
-  return _split_examples_cached(spec, split, id(spec.vocabulary), mtime_ns)
+  try:
+    file_version = storage.version(task_path(spec.clone_dir, spec.task_name))
+  except FileNotFoundError:
+    file_version = None
+  return _split_examples_cached(spec, split, id(spec.vocabulary), file_version)
 
 
 def _dataset_fn(spec: _TaskSpec):
@@ -402,7 +405,7 @@ def register_superni(
     lists[name] = (path, read_task_list(path))
   for path, names in lists.values():
     for task in names:
-      if not os.path.isfile(task_path(clone_dir, task)):
+      if not storage.isfile(task_path(clone_dir, task)):
         raise ValueError(f"{path}: unknown SuperNI task {task!r} ({task_path(clone_dir, task)} does not exist)")
 
   train_names = lists[seqio_name(prefix, "train")][1]

@@ -18,8 +18,8 @@ the "input_only" prompt by default, so the task id is the only task signal (the 
 file, e.g. for a base model's training).
 
 Layout written: <out>/tasks/<task>.json (all SuperNI fields), <out>/splits/default/{train,test}_tasks.txt.
-Deterministic given its arguments; every file is written atomically (temp file, then os.replace), the split
-lists last.
+Deterministic given its arguments; every file is written atomically (mhr_jax/storage.py; out_dir may be a
+URL), the split lists last.
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from mhr_jax import storage
 from tasks import superni, synthetic_study
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -158,12 +158,8 @@ def _task_json(name: str, skills: Sequence[str], n_instances: int, rng: np.rando
 
 
 def _write_atomic(path: str, text: str) -> None:
-  # A unique temp name in the same directory (several hosts may write the same suite), then a rename.
-  with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(path),
-                                   prefix=os.path.basename(path) + ".", suffix=".tmp", delete=False) as f:
-    f.write(text)
-  os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
-  os.replace(f.name, path)
+  # Several hosts may write the same suite: each process writes every file, whole (mhr_jax/storage.py).
+  storage.write_text_atomic(path, text, every_process=True)
 
 
 def task_name(index: int, skills: Sequence[str]) -> str:
@@ -190,8 +186,8 @@ def write_synthetic_suite(out_dir: str, n_train_tasks: int = 16, n_test_tasks: i
   if n_instances < 1:
     raise ValueError(f"synthetic suite: n_instances={n_instances}: must be >= 1")
   train, test = SUITES[suite].choose(n_train_tasks, n_test_tasks, seed)
-  os.makedirs(os.path.join(out_dir, "tasks"), exist_ok=True)
-  os.makedirs(os.path.join(out_dir, "splits", "default"), exist_ok=True)
+  storage.makedirs(os.path.join(out_dir, "tasks"))
+  storage.makedirs(os.path.join(out_dir, "splits", "default"))
   names = {"train": [], "test": []}
   for index, (split, skills) in enumerate([("train", t) for t in train] + [("test", t) for t in test], start=1):
     name = task_name(index, skills)

@@ -1,6 +1,8 @@
 """T0 (bigscience/P3) as SeqIO tasks: the multi-task training mixture and the 11 held-out datasets.
 
-Reads a local copy of the P3 dataset repository, a SeqIO cache per prompted subset:
+Reads a copy of the P3 dataset repository, a SeqIO cache per prompted subset, from a local directory or a URL
+(the JSON files and the listing through mhr_jax/storage.py; the TFRecords through TensorFlow's file systems, which
+read gs:// with Google's credentials):
   <p3_dir>/data/<subset>/info.<split>.json   {"features": {name: {"dtype", "shape"}}, "num_shards", ...}
   <p3_dir>/data/<subset>/stats.<split>.json  {"examples": n, ...} (optional here; records are counted if absent)
   <p3_dir>/data/<subset>/<split>.tfrecord-0000i-of-0000n
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mhr_jax import storage
 from tasks import examples_dataset, replace_mixture, replace_task, seqio_name
 
 CATALOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "t0_datasets.json")
@@ -49,8 +51,7 @@ _TEXT_FEATURES = ("inputs_pretokenized", "targets_pretokenized")
 def load_catalog(path: str = CATALOG) -> dict:
   """The validated dataset/template list (see tasks/t0_datasets.json)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      catalog = json.load(f)
+    catalog = json.loads(storage.read_text(path))
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: T0 dataset list not found") from None
   except json.JSONDecodeError as e:
@@ -81,11 +82,10 @@ def subset_dir(p3_dir: str, subset: str) -> str:
 
 def _split_info(p3_dir: str, subset: str, split: str) -> dict:
   path = os.path.join(subset_dir(p3_dir, subset), f"info.{split}.json")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path}: P3 split info not found (subset {subset!r}, split {split!r})")
   try:
-    with open(path, encoding="utf-8") as f:
-      info = json.load(f)
+    info = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
   features = info.get("features")
@@ -99,7 +99,7 @@ def _split_info(p3_dir: str, subset: str, split: str) -> dict:
 
 def _tfrecord_files(p3_dir: str, subset: str, split: str) -> list[str]:
   pattern = os.path.join(subset_dir(p3_dir, subset), f"{split}.tfrecord-*-of-*")
-  files = sorted(glob.glob(pattern))
+  files = storage.glob(pattern)
   if not files:
     raise FileNotFoundError(f"{pattern}: no P3 TFRecord files")
   return files
@@ -129,9 +129,8 @@ def read_split(p3_dir: str, subset: str, split: str, with_choices: bool = False)
 def num_examples(p3_dir: str, subset: str, split: str) -> int:
   """Examples in a split: stats.<split>.json "examples" if present, else a count of the records."""
   stats = os.path.join(subset_dir(p3_dir, subset), f"stats.{split}.json")
-  if os.path.isfile(stats):
-    with open(stats, encoding="utf-8") as f:
-      value = json.load(f).get("examples")
+  if storage.isfile(stats):
+    value = json.loads(storage.read_text(stats)).get("examples")
     if not isinstance(value, int):
       raise ValueError(f"{stats}: field 'examples' (int) not found")
     return value

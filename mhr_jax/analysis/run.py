@@ -4,7 +4,7 @@ r"""Analysis of a pre-training run as in the MHR paper: routing heatmaps, task s
       [--grad_batches=4] [--batch_size=8]
 
 Reads the run directory's config.gin and one checkpoint (--step, default the latest) and writes into --out
-(default RUN_DIR/analysis), each file through a temporary name and os.replace:
+(default RUN_DIR/analysis), each file atomically (mhr_jax/storage.py; both may be gs:// URLs):
   routing_<layer>.png      routing weights of every training task (rows) over heads x skills (columns) of
                            the first, middle and last adapted layers ('/' in the layer path becomes '.');
   routing_mean.png         the same, averaged over all adapted layers;
@@ -46,6 +46,7 @@ from mhr_jax.analysis import figures, gradients, routing
 from mhr_jax.checkpoints.run_state import checkpoint_steps, restore_params
 from mhr_jax.errors import RunError
 from mhr_jax.logging_utils import banner, log, setup_console
+from mhr_jax import storage
 from mhr_jax.storage import write_json_atomic, write_text_atomic
 
 
@@ -72,10 +73,12 @@ def check_inputs(run_dir: str, step: int | None, out: str | None, grad_batches: 
   if batch_size < 1:
     raise AnalysisError(f"--batch_size={batch_size}: must be >= 1")
   given = run_dir
-  run_dir = os.path.abspath(run_dir)
-  if not os.path.isdir(run_dir):
+  storage.check_path(run_dir, "--run_dir", run_dir=True)
+  storage.check_path(out, "--out")
+  run_dir = storage.absolute(run_dir)
+  if not storage.isdir(run_dir):
     raise AnalysisError(f"--run_dir={given}: no such directory")
-  if not os.path.isfile(os.path.join(run_dir, "config.gin")):
+  if not storage.isfile(os.path.join(run_dir, "config.gin")):
     raise AnalysisError(f"--run_dir={given}: no config.gin there (not a run directory)")
   checkpoints = os.path.join(run_dir, "checkpoints")
   steps = checkpoint_steps(checkpoints)
@@ -84,8 +87,9 @@ def check_inputs(run_dir: str, step: int | None, out: str | None, grad_batches: 
   chosen = steps[-1] if step is None else step
   if chosen not in steps:
     raise AnalysisError(f"--step={step}: no such checkpoint in {checkpoints} (steps: {steps})")
-  out = os.path.abspath(out) if out else os.path.join(run_dir, "analysis")
-  if os.path.exists(out) and not os.path.isdir(out):
+  out = storage.absolute(out) if out else os.path.join(run_dir, "analysis")
+  storage.check_reachable(out, "--out")
+  if storage.isfile(out):
     raise AnalysisError(f"--out={out}: exists and is not a directory")
   return run_dir, chosen, out
 
@@ -128,7 +132,7 @@ def analyze(run_dir: str, step: int | None = None, out: str | None = None, grad_
   layers = routing.adapted_layers(params)
   log.info("%d training tasks; %d adapted layers; params: %s/checkpoints/%d", len(names), len(layers),
            run_dir, step)
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out)
   files: dict[str, object] = {}
   summary: dict[str, object] = {}
 

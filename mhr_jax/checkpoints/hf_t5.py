@@ -12,10 +12,14 @@ scaling choice as `scale_decoder_outputs` (and always `tie_word_embeddings: true
 Layouts: HF names every layer, so the name mapping is written for the unscanned tree
 (`encoder/block_{i}/...`); loading converts to the layout the config asks for
 (`T5Config.scan_layers`), saving and merging accept either (`models.layout`).
+
+A directory may be a URL (gs://...; mhr_jax/storage.py): saving writes it as a whole
+(`storage.write_dir_atomic`), loading refuses one whose writer has not finished.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 
@@ -24,7 +28,7 @@ import flax.linen as nn
 import numpy as np
 from flax.core import meta
 
-from mhr_jax.checkpoints import atomic
+from mhr_jax import storage
 from mhr_jax.models import layout
 from mhr_jax.models.config import T5Config
 
@@ -236,18 +240,17 @@ def params_to_hf(cfg: T5Config, params: dict) -> dict[str, np.ndarray]:
 
 def read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: invalid JSON ({e})") from None
 
 
 def _read_safetensors(path: str) -> dict:
-  from safetensors.numpy import load_file
-  if not os.path.isfile(path):
+  from safetensors.numpy import load, load_file
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   try:
-    return load_file(path)
+    return load(storage.read_bytes(path)) if storage.is_url(path) else load_file(path)
   except Exception as e:  # the library raises its own error types for truncated/garbled files
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ValueError(f"{path}: cannot read safetensors ({message})") from None
@@ -259,10 +262,11 @@ def read_torch(path: str) -> dict:
   except ImportError:
     raise ValueError(f"{path}: reading pytorch_model.bin needs torch; install it or convert the "
                      "checkpoint to model.safetensors") from None
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
+  source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(source, map_location="cpu", weights_only=True)
   except Exception as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ValueError(f"{path}: cannot read torch checkpoint ({message})") from None
@@ -289,7 +293,7 @@ def _read_tensors(path: str) -> tuple[dict, str]:
       (TORCH_INDEX, lambda: _read_sharded(path, TORCH_INDEX, read_torch)),
   ]
   for name, read in candidates:
-    if os.path.isfile(os.path.join(path, name)):
+    if storage.isfile(os.path.join(path, name)):
       return read(), os.path.join(path, name)
   raise FileNotFoundError(f"{path}: no weights file (expected one of "
                           f"{', '.join(n for n, _ in candidates)})")
@@ -309,9 +313,10 @@ def load_hf_t5(path, **overrides) -> tuple[T5Config, dict]:
   """
   path = os.fspath(path)
   config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory")
-  if not os.path.isfile(config_path):
+  storage.check_dir_complete(path)
+  if not storage.isfile(config_path):
     raise FileNotFoundError(f"{config_path}: missing (not a Hugging Face model directory)")
   cfg = config_from_hf(read_json(config_path), config_path)
   if overrides:
@@ -334,10 +339,10 @@ def save_hf_t5(path, cfg: T5Config, params: dict) -> None:
   tensors = params_to_hf(cfg, params)
 
   def write_config(file):
-    with open(file, "w") as f:
+    with open(file, "w") as f:  # `file` is in write_dir_atomic's local scratch directory
       json.dump(config_to_hf(cfg), f, indent=2, sort_keys=True)
 
-  atomic.write_dir(path, {CONFIG_FILE: write_config, SAFETENSORS_FILE: lambda file: save_file(
+  storage.write_dir_atomic(path, {CONFIG_FILE: write_config, SAFETENSORS_FILE: lambda file: save_file(
       tensors, file, metadata={"format": "pt"})})
 
 

@@ -19,6 +19,7 @@ so outputs agree in eval mode (ours: enable_dropout=False).
 
 PEFT names every layer, so both directions work on the unscanned layout; `export_peft` accepts
 either layout and `import_peft` returns the layout its T5Config overrides ask for (`models.layout`).
+Directories may be URLs (gs://...), written and checked as `hf_t5`'s.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from flax import traverse_util
 
 from mhr_jax.adapters.config import KIND_TABLE, AdapterConfig
 from mhr_jax.adapters.transforms import adapted_layers
-from mhr_jax.checkpoints import atomic, hf_t5
+from mhr_jax import storage
+from mhr_jax.checkpoints import hf_t5
 from mhr_jax.models import layout
 
 CONFIG_FILE = "adapter_config.json"
@@ -143,24 +145,25 @@ def export_peft(path, cfg, params, adapter_cfg: AdapterConfig | None = None,
     config.update(feedforward_modules=[], fan_in_fan_out=False, init_ia3_weights=True)
 
   def write_config(file):
-    with open(file, "w") as f:
+    with open(file, "w") as f:  # `file` is in write_dir_atomic's local scratch directory
       json.dump(config, f, indent=2, sort_keys=True)
 
-  atomic.write_dir(path, {WEIGHTS_FILE: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
-                    CONFIG_FILE: write_config})
+  storage.write_dir_atomic(path, {WEIGHTS_FILE: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
+                                  CONFIG_FILE: write_config})
 
 
 def _read_adapter_tensors(peft_dir: str) -> tuple[dict, str]:
   weights = os.path.join(peft_dir, WEIGHTS_FILE)
-  if os.path.isfile(weights):
-    from safetensors.numpy import load_file
+  if storage.isfile(weights):
+    from safetensors.numpy import load, load_file
     try:
-      return {k: np.asarray(v, np.float32) for k, v in load_file(weights).items()}, weights
+      loaded = load(storage.read_bytes(weights)) if storage.is_url(weights) else load_file(weights)
+      return {k: np.asarray(v, np.float32) for k, v in loaded.items()}, weights
     except Exception as e:  # the library raises its own error types for garbled files
       message = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise ValueError(f"{weights}: cannot read safetensors ({message})") from None
   torch_weights = os.path.join(peft_dir, TORCH_WEIGHTS_FILE)
-  if os.path.isfile(torch_weights):
+  if storage.isfile(torch_weights):
     return hf_t5.read_torch(torch_weights), torch_weights
   raise FileNotFoundError(f"{peft_dir}: no {WEIGHTS_FILE} (or {TORCH_WEIGHTS_FILE})")
 
@@ -233,7 +236,8 @@ def import_peft(peft_dir, base_dir, **overrides) -> tuple:
   """
   peft_dir = os.fspath(peft_dir)
   config_path = os.path.join(peft_dir, CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  storage.check_dir_complete(peft_dir)
+  if not storage.isfile(config_path):
     raise FileNotFoundError(f"{config_path}: missing (not a PEFT adapter directory)")
   config = hf_t5.read_json(config_path)
   if not isinstance(config, dict):

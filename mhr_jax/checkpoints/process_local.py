@@ -12,12 +12,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 
+from mhr_jax import storage
 from mhr_jax.checkpoints.packing import path_tokens
 from mhr_jax.storage import write_bytes_atomic
 
@@ -33,14 +33,14 @@ class ProcessLocalCheckpointer:
   """Saves and restores this process's host-array state tree at integer steps, keeping the last `keep`."""
 
   def __init__(self, directory: str, keep: int | None):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self._keep = keep
 
   def all_steps(self) -> list[int]:
-    if not os.path.isdir(self.directory):
+    if not storage.isdir(self.directory):
       return []
-    return sorted(int(name) for name in os.listdir(self.directory)
-                  if name.isdigit() and os.path.isfile(os.path.join(self.directory, name, COMMITTED)))
+    return sorted(int(name) for name in storage.listdir(self.directory)
+                  if name.isdigit() and storage.isfile(os.path.join(self.directory, name, COMMITTED)))
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -62,15 +62,14 @@ class ProcessLocalCheckpointer:
     write_bytes_atomic(os.path.join(where, COMMITTED), b"", every_process=True)
     if self._keep is not None:
       for old in self.all_steps()[:-self._keep]:
-        shutil.rmtree(os.path.join(self.directory, str(old)), ignore_errors=True)
+        storage.rmtree(os.path.join(self.directory, str(old)))
     return True
 
   def restore(self, step: int, target):
     """(state laid out like `target`, progress) of checkpoint `step`: NumPy arrays of the saved dtypes."""
     where = os.path.join(self.directory, str(step))
-    with open(os.path.join(where, "progress.json")) as f:
-      meta = json.load(f)
-    with np.load(os.path.join(where, "state.npz")) as saved:
+    meta = json.loads(storage.read_text(os.path.join(where, "progress.json")))
+    with np.load(io.BytesIO(storage.read_bytes(os.path.join(where, "state.npz")))) as saved:
       names = [name for name, _ in _leaves(target)]
       missing = [name for name in names if name not in saved.files]
       if missing:

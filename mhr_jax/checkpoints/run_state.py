@@ -8,11 +8,13 @@ about 11 GB at T5-XL) is saved once per run, in RUN_DIR/frozen/ beside checkpoin
 checkpoint holds the rest; its layout says so ("frozen_apart"). `RunCheckpointer.restore` and `restore_params` give the named tree back; checkpoints written
 before packing (no "layout" item) restore as they are. The data iterator is
 deterministic given its seed and skips ahead, so (state, batches consumed) makes resuming exact.
-orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoints intact.
+orbax writes each step into a temporary directory and renames it when complete (on Cloud Storage, where
+nothing can be renamed, it writes a commit marker last), so a run killed mid-save leaves the previous
+checkpoints intact. Directories may be gs:// URLs (mhr_jax/storage.py).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -25,6 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax.core import meta
 
+from mhr_jax import storage
 from mhr_jax.checkpoints import packing
 from mhr_jax.logging_utils import log
 
@@ -51,7 +54,7 @@ class RunCheckpointer:
 
   def __init__(self, directory: str, save_every: int, keep: int | None, async_save: bool = True,
                frozen_once: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self._frozen = None
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -122,7 +125,7 @@ class RunCheckpointer:
 
 def frozen_store(directory: str) -> str:
   """Where a run's frozen part is saved once: RUN_DIR/frozen beside RUN_DIR/checkpoints."""
-  return os.path.join(os.path.dirname(os.path.abspath(directory)), "frozen")
+  return os.path.join(os.path.dirname(storage.absolute(directory)), "frozen")
 
 
 def _save_args(state, progress: dict[str, Any], frozen_apart: bool = False) -> ocp.args.Composite:
@@ -156,10 +159,10 @@ def _replace_part(state, name: str, value):
 
 def checkpoint_steps(directory: str) -> list[int]:
   """The complete checkpoint steps in `directory`, ascending; never writes."""
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return []
   manager = ocp.CheckpointManager(
-      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+      storage.absolute(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   try:
     return sorted(manager.all_steps())
   finally:
@@ -178,8 +181,8 @@ def restore_params(directory: str, step: int) -> dict:
   Reads only the parameter arrays (no optimizer state), so it works whatever optimizer, mesh or number
   of devices wrote the checkpoint.
   """
-  path = os.path.join(os.path.abspath(directory), str(step), "state")
-  if os.path.isfile(path + ".npz"):  # one process's own state of a multi-process run (process_local.py)
+  path = os.path.join(storage.absolute(directory), str(step), "state")
+  if storage.isfile(path + ".npz"):  # one process's own state of a multi-process run (process_local.py)
     return _process_local_params(directory, step)
   layout = _layout(directory, step)
   if layout is None:  # written before packing
@@ -195,9 +198,8 @@ def restore_params(directory: str, step: int) -> dict:
 
 
 def _process_local_params(directory: str, step: int) -> dict:
-  with np.load(os.path.join(directory, str(step), "state.npz")) as saved:
-    with open(os.path.join(directory, str(step), "progress.json")) as f:
-      dtypes = json.load(f)["dtypes"]
+  with np.load(io.BytesIO(storage.read_bytes(os.path.join(directory, str(step), "state.npz")))) as saved:
+    dtypes = json.loads(storage.read_text(os.path.join(directory, str(step), "progress.json")))["dtypes"]
     device = _first_device()
     return flax.traverse_util.unflatten_dict({
         tuple(name.split("/")[1:]): jax.device_put(saved[name].view(np.dtype(dtypes[name])), device)
@@ -252,7 +254,7 @@ def restore_subtrees(path: str, keys: tuple[str, ...]) -> dict:
 def read_state(directory: str, step: int) -> dict[str, np.ndarray]:
   """Every leaf of checkpoint `step` on the host, by its path ("trainable/encoder/.../lora_a",
   "opt_state/..."): for inspecting a checkpoint without building the run's model or optimizer."""
-  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  path = os.path.join(storage.absolute(directory), str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   on_host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                          checkpointer.metadata(path).item_metadata.tree)
@@ -270,8 +272,8 @@ def read_state(directory: str, step: int) -> dict[str, np.ndarray]:
 
 def _layout(directory: str, step: int) -> dict | None:
   """The packing layout of checkpoint `step` (None for a checkpoint written before packing)."""
-  path = os.path.join(os.path.abspath(directory), str(step), "layout")
-  if not os.path.isdir(path):
+  path = os.path.join(storage.absolute(directory), str(step), "layout")
+  if not storage.isdir(path):
     return None
   # the handler alone: a Checkpointer would add a barrier, and process-local resumes restore unsynchronised
   return dict(ocp.JsonCheckpointHandler().restore(epath.Path(path)))

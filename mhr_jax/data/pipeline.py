@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mhr_jax import storage
 from mhr_jax.errors import ConfigError
 
 
@@ -78,11 +79,12 @@ logging.getLogger("absl").addFilter(_DropUncachedSourceWarning())
 
 def get_vocabulary(spec: str, extra_ids: int = 0) -> seqio.Vocabulary:
   """"byte" -> seqio.ByteVocabulary(); otherwise a SentencePiece model file, or a directory holding
-  spiece.model (e.g. a Hugging Face T5 checkpoint directory)."""
+  spiece.model (e.g. a Hugging Face T5 checkpoint directory). A URL is looked up through mhr_jax/storage.py;
+  SeqIO then reads the model through TensorFlow's file systems (gs:// with Google's credentials)."""
   if spec == "byte":
     return seqio.ByteVocabulary(extra_ids=extra_ids)
-  path = os.path.join(spec, "spiece.model") if os.path.isdir(spec) else spec
-  if not os.path.isfile(path):
+  path = os.path.join(spec, "spiece.model") if storage.isdir(spec) else spec
+  if not storage.isfile(path):
     raise FileNotFoundError(f"vocabulary {spec!r}: expected 'byte', a SentencePiece model file or a "
                             f"directory with spiece.model; {path} does not exist")
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)

@@ -34,7 +34,8 @@ from mhr_jax import config as config_lib
 from mhr_jax.adapters import methods
 from mhr_jax.adapters.config import KIND_TABLE
 from mhr_jax.errors import ConfigError
-from mhr_jax.storage import check_local_paths, read_json
+from mhr_jax import storage
+from mhr_jax.storage import read_json
 
 
 
@@ -103,8 +104,9 @@ class Experiment:
     object.__setattr__(self, "analysis_kinds", tuple(self.analysis_kinds))
     if not self.model_dir:
       raise ConfigError("Experiment.model_dir is empty: pass --gin.MODEL_DIR=\"'/path'\"")
-    check_local_paths("Experiment", self, ("model_dir", "base_checkpoint", "base_run"))
-    if self.base_checkpoint is not None and not os.path.isdir(self.base_checkpoint):
+    storage.check_paths("Experiment", self, ("model_dir", "base_checkpoint", "base_run"),
+                        run_dirs=("model_dir", "base_run"))
+    if self.base_checkpoint is not None and not storage.isdir(self.base_checkpoint):
       raise ConfigError(f"Experiment.base_checkpoint={self.base_checkpoint!r}: no such directory")
     if self.base_checkpoint is not None and self.base_run is not None:
       raise ConfigError("Experiment.base_checkpoint and Experiment.base_run both give the base: give one")
@@ -195,12 +197,12 @@ def _run(directory: str, mode: str, **start) -> dict[str, Any]:
 
 def plan(exp: Experiment) -> list[Stage]:
   """The stages of `exp`, in the order they run."""
-  root = os.path.abspath(exp.model_dir)
+  root = storage.absolute(exp.model_dir)
   where = lambda name: os.path.join(root, *name.split("/"))  # noqa: E731
   stages: list[Stage] = []
 
   if exp.base_run is not None:
-    base = os.path.abspath(exp.base_run)
+    base = storage.absolute(exp.base_run)
     base_start, adapt_from_base, base_after = {"init_run": base}, {"pretrain_dir": base}, ()
   elif exp.base_checkpoint is None:
     stages.append(Stage("base", "train", "base", where("base"),
@@ -208,7 +210,7 @@ def plan(exp: Experiment) -> list[Stage]:
     base_start, adapt_from_base, base_after = ({"init_run": where("base")}, {"pretrain_dir": where("base")},
                                                ("base",))
   else:
-    base_start = adapt_from_base = {"init_checkpoint": os.path.abspath(exp.base_checkpoint)}
+    base_start = adapt_from_base = {"init_checkpoint": storage.absolute(exp.base_checkpoint)}
     base_after = ()
 
   for kind in exp.pretrain:
@@ -270,12 +272,12 @@ def stage_config(exp: Experiment, stage: Stage) -> tuple[config_lib.ExperimentCo
     except (ValueError, TypeError) as e:
       raise ConfigError(config_lib.one_line(e)) from None
     if data.source == "synthetic" and not data.data_dir:  # one copy of the suite for every stage
-      settings.setdefault("data", {})["data_dir"] = os.path.join(os.path.abspath(exp.model_dir), "synthetic_data")
+      settings.setdefault("data", {})["data_dir"] = os.path.join(storage.absolute(exp.model_dir), "synthetic_data")
     if stage.row_kind == "zero-shot" and len(adapt.seeds) > 1:  # nothing trains: one evaluation
       settings.setdefault("adapt", {})["seeds"] = adapt.seeds[:1]
     cfg = config_lib.resolve_config(**settings)
   config_lib.check_run_dir(cfg.run.model_dir, cfg, fix=f"delete {cfg.run.model_dir} to run stage {stage.name} "
                            "with the new settings")
-  header = (f"Stage {stage.name} of the experiment in {os.path.abspath(exp.model_dir)}. Rerun it alone:\n"
+  header = (f"Stage {stage.name} of the experiment in {storage.absolute(exp.model_dir)}. Rerun it alone:\n"
             f"  python -m mhr_jax.train --gin_file={os.path.join(stage.directory, 'config.gin')}")
   return cfg, config_lib.to_gin(cfg, header)

@@ -25,6 +25,8 @@ import sys
 
 import numpy as np
 
+from mhr_jax import storage
+from mhr_jax.errors import RunError
 from mhr_jax.storage import read_json, read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 GENERATION_METRICS = ("rougeL", "exact_match")
@@ -210,10 +212,10 @@ def write_report(model_dir: str) -> dict[str, str]:
   _plot_learning_curves(plan, files["learning_curves"])
   for stage in plan["stages"]:
     heatmap = os.path.join(stage["dir"], "routing_mean.png")
-    if stage["kind"] == "analysis" and os.path.isfile(heatmap):
+    if stage["kind"] == "analysis" and storage.isfile(heatmap):
       files[f"routing ({stage['name']})"] = heatmap
       alignment = os.path.join(stage["dir"], "gradient_alignment.png")
-      if os.path.isfile(alignment):
+      if storage.isfile(alignment):
         files[f"gradient alignment ({stage['name']})"] = alignment
   write_text_atomic(files["csv"], _csv(report))
   write_text_atomic(files["markdown"], _markdown(report, files))
@@ -223,11 +225,13 @@ def write_report(model_dir: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m mhr_jax.experiment.report", description=__doc__.split("\n")[0])
-  parser.add_argument("--model_dir", required=True, help="an experiment directory (with plan.json)")
+  parser.add_argument("--model_dir", required=True, help="an experiment directory (with plan.json): a local path "
+                      "or a URL, e.g. gs://BUCKET/run")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    storage.check_reachable(args.model_dir, "--model_dir")
     files = write_report(args.model_dir)
-  except (FileNotFoundError, KeyError, ValueError) as e:
+  except (FileNotFoundError, KeyError, ValueError, RunError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     return 2
   print(console_table(args.model_dir))

@@ -31,6 +31,7 @@ from mhr_jax import config as config_lib
 from mhr_jax.experiment import plan as plan_lib
 from mhr_jax.errors import ConfigError, RunError
 from mhr_jax.logging_utils import banner, log
+from mhr_jax import storage
 from mhr_jax.storage import read_json, write_json_atomic
 
 
@@ -62,6 +63,7 @@ def plan_stages(gin_files: Sequence[str], bindings: Sequence[str] = (), search_p
   """The experiment and {stage name: (its checked config, its config.gin text)} of every stage but the
   analyses: everything a run checks before it writes anything."""
   exp = load_experiment(gin_files, bindings, search_paths)
+  storage.check_reachable(exp.model_dir, "Experiment.model_dir")
   return exp, {s.name: plan_lib.stage_config(exp, s) for s in plan_lib.plan(exp) if s.kind != "analysis"}
 
 
@@ -110,10 +112,10 @@ def run_experiment(gin_files: Sequence[str], bindings: Sequence[str] = (), searc
     return 0
   if exp.base_run is not None:
     plan_lib.check_base_run(exp.base_run)
-  os.makedirs(exp.model_dir, exist_ok=True)
+  storage.makedirs(exp.model_dir)
   share_compiled_programs(exp.model_dir)
   write_json_atomic(os.path.join(exp.model_dir, "plan.json"),
-                    {"model_dir": os.path.abspath(exp.model_dir), "stages": rows,
+                    {"model_dir": storage.absolute(exp.model_dir), "stages": rows,
                      "command": command_line(gin_files, bindings, search_paths)})
   _all_processes_at("plan written")
   start = time.time()
@@ -124,7 +126,7 @@ def run_experiment(gin_files: Sequence[str], bindings: Sequence[str] = (), searc
       continue
     banner(f"stage {stage.name}")
     for before in stage.after:
-      if not os.path.isfile(os.path.join(by_name[before].directory, "results.json")):
+      if not storage.isfile(os.path.join(by_name[before].directory, "results.json")):
         raise RunError(f"stage {stage.name} starts from stage {before}, which has not finished")
     status = _run_stage(exp, stage, by_name, cfg, text)
     _all_processes_at(f"end of stage {stage.name}")  # process 0 has written its results
@@ -149,9 +151,14 @@ def _all_processes_at(point: str) -> None:
 def share_compiled_programs(model_dir: str) -> None:
   """A persistent compilation cache for the stages: many compile the same programs (every LoRA-kind
   adaptation's step and decoder, for one), and each stage builds its own jitted functions, so without it
-  they would compile again. JAX_COMPILATION_CACHE_DIR, when set, wins."""
+  they would compile again. MODEL_DIR/compilation_cache, or, for a URL MODEL_DIR, a local folder (the cache
+  is read and written per program, a round trip each on object storage; its entries are keyed by the
+  program, so experiments can share one). JAX_COMPILATION_CACHE_DIR, when set, wins."""
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(model_dir), "compilation_cache"))
+    cache = (os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mhr_jax",
+                          "compilation_cache") if storage.is_url(model_dir)
+             else os.path.join(storage.absolute(model_dir), "compilation_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     log.info("compiled programs are shared between stages through %s", jax.config.jax_compilation_cache_dir)
 
 

@@ -45,6 +45,7 @@ import gin
 from mhr_jax.errors import ConfigError
 from mhr_jax.experiment import statistics
 from mhr_jax.experiment.study_report import PLAN_FILE, report, stages_of
+from mhr_jax import storage
 from mhr_jax.storage import write_json_atomic
 
 STAGE_KINDS = ("adapt", "zeroshot", "analysis")  # the stages a hypothesis can compare
@@ -168,7 +169,7 @@ def cells(study: Study, trains_base: bool = True, lists: Mapping[str, tuple] | N
     lists: the experiment's Experiment.adapt, .controls and .zero_shot; needed when Study.shared names
       stages (the main cells then leave them out).
   """
-  root = os.path.abspath(study.model_dir)
+  root = storage.absolute(study.model_dir)
   base_dir = os.path.join(root, "base")
   base_run = os.path.join(base_dir, "base")
   adapt_seeds = f"adapt/AdaptConfig.seeds = {tuple(study.adapt_seeds)!r}"
@@ -246,8 +247,8 @@ def run_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pat
            "one forward pass per test and dev instance)", len(plan), total_hours, study.device_tflops)
   if dry_run:
     return 0
-  os.makedirs(study.model_dir, exist_ok=True)
-  root = os.path.abspath(study.model_dir)
+  storage.makedirs(study.model_dir)
+  root = storage.absolute(study.model_dir)
   experiment.share_compiled_programs(root)
   write_json_atomic(os.path.join(root, PLAN_FILE), {
       "model_dir": root, "hypotheses": list(study.hypotheses), "tune": study.tune, "metric": study.metric,
@@ -269,8 +270,7 @@ def run_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pat
   banner("report")
   files = report(root)
   log.info("study done in %.0f s (this run); results: %s", time.time() - start, files["markdown"])
-  with open(files["markdown"]) as f:
-    log.info("\n%s", f.read())
+  log.info("\n%s", storage.read_text(files["markdown"]))
   return 0
 
 
@@ -326,11 +326,10 @@ def _heldout_count(cfg) -> int:
   if d.source == "synthetic":
     return d.synthetic_test_tasks
   if d.test_task_list:
-    with open(d.test_task_list) as f:
-      return sum(1 for line in f if line.strip())
+    return sum(1 for line in storage.read_text(d.test_task_list).splitlines() if line.strip())
   if d.source == "superni":
-    with open(os.path.join(d.data_dir, "splits", "default", "test_tasks.txt")) as f:
-      return sum(1 for line in f if line.strip())
+    return sum(1 for line in storage.read_text(os.path.join(d.data_dir, "splits", "default", "test_tasks.txt"))
+               .splitlines() if line.strip())
   return 11  # the T0 protocol's held-out datasets
 
 
@@ -348,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   def run(args: argparse.Namespace) -> int:
     if args.report_only:
       study = load_study(args.gin_file, args.gin_bindings, args.gin_search_paths)
-      report(os.path.abspath(study.model_dir))
+      report(storage.absolute(study.model_dir))
       return 0
     return run_study(args.gin_file, args.gin_bindings, args.gin_search_paths, args.dry_run)
   try:

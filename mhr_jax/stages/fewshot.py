@@ -30,6 +30,7 @@ from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import MetricsJsonl, banner, format_metrics, log, progress_bar
 from mhr_jax.checkpoints.process_local import ProcessLocalCheckpointer
 from mhr_jax.checkpoints.run_state import RunCheckpointer, StopSignal, latest_step, restore_params
+from mhr_jax import storage
 from mhr_jax.storage import read_json, write_json_atomic, write_text_atomic
 
 EXIT_PREEMPTED = 143
@@ -47,7 +48,7 @@ def starting_point(cfg: config_lib.ExperimentConfig) -> dict:
     start = {"kind": "none", "dir": run.init_checkpoint, "step": None}
   else:
     pre = run.pretrain_dir
-    if not os.path.isfile(os.path.join(pre, "config.gin")):
+    if not storage.isfile(os.path.join(pre, "config.gin")):
       raise config_lib.ConfigError(f"RunConfig.pretrain_dir={pre!r}: no config.gin there (not a run directory)")
     step = latest_step(os.path.join(pre, "checkpoints"))
     if step is None:
@@ -301,13 +302,13 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   _write_losses(os.path.join(model_dir, "metrics.jsonl"), rows, steps, run_cfg.log_every)
   for row in rows:
     path = _pair_file(model_dir, row["index"])
-    if a.evaluate and not os.path.isfile(path):  # evaluated on another process
+    if a.evaluate and not storage.isfile(path):  # evaluated on another process
       write_json_atomic(path, row)
     for key in ("predictions", "losses", "index"):
       row.pop(key, None)
   results = {"status": "done", "mode": "adapt", "method": a.method, "source": cfg.data.source, "steps": steps,
-             "start": {"kind": start["kind"], "dir": os.path.abspath(start["dir"]), "step": start["step"]},
-             "pretrain_dir": os.path.abspath(run_cfg.pretrain_dir) if run_cfg.pretrain_dir else None,
+             "start": {"kind": start["kind"], "dir": storage.absolute(start["dir"]), "step": start["step"]},
+             "pretrain_dir": storage.absolute(run_cfg.pretrain_dir) if run_cfg.pretrain_dir else None,
              "pretrain_step": start["step"], "trainable_params_per_pair": counts, "pairs": rows,
              "processes": jax.process_count(), "wall_time_s": time.time() - start_time,
              "checkpoints": checkpoints}
@@ -322,7 +323,7 @@ def _adapt(cfg: config_lib.ExperimentConfig, config_text: str, mesh, start: dict
   banner("results")
   if a.evaluate:
     log.info("results (mean ± std over seeds):\n%s", markdown)
-  log.info("results: %s; adapted params: %s", os.path.join(os.path.abspath(model_dir), "results.json"),
+  log.info("results: %s; adapted params: %s", os.path.join(storage.absolute(model_dir), "results.json"),
            checkpoints or "none (zero-shot)")
   return 0
 
@@ -339,6 +340,7 @@ def _write_losses(path: str, rows: list[dict], steps: int, log_every: int) -> No
     if step % log_every == 0 or step == steps:
       jsonl.write(step, {"loss": float(np.mean(step_losses)),
                          **{f"loss/{r['task']}/seed{r['seed']}": float(x) for r, x in zip(rows, step_losses)}})
+  jsonl.close()
   if steps:
     log.info("final training loss: %.4f (mean over pairs)", float(np.mean([r["final_loss"] for r in rows])))
 
@@ -367,10 +369,7 @@ def _evaluate_pairs(benchmark, model, result, rows, model_dir: str, mesh, stop: 
       if j < len(rows):
         row = rows[j]
         path = _pair_file(model_dir, row["index"])
-        saved = None
-        if os.path.isfile(path):
-          with open(path) as f:
-            saved = json.load(f)
+        saved = read_json(path)
         if saved is None or any(saved.get(k) != row.get(k) for k in ("task", "seed", "final_loss")):
           saved = {**row, **fewshot_eval.evaluate(benchmark, model, result.pair_params(j), row["index"], mesh)}
           write_json_atomic(path, saved)  # with the predictions, for error analysis

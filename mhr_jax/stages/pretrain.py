@@ -27,6 +27,7 @@ from mhr_jax.errors import NonFiniteLoss, RunError
 from mhr_jax.logging_utils import (MetricsJsonl, TensorBoard, Throughput, banner, format_metrics, log,
                                    peak_flops_total, progress_bar, train_flops_per_step)
 from mhr_jax.checkpoints.run_state import RunCheckpointer, StopSignal, latest_step, restore_params
+from mhr_jax import storage
 from mhr_jax.storage import read_json, write_json_atomic
 
 EXIT_PREEMPTED = 143  # cli.EXIT_PREEMPTED: 128 + SIGTERM, after the checkpoint is written
@@ -40,7 +41,7 @@ def check_start(cfg: config_lib.ExperimentConfig) -> None:
   run_dir = cfg.run.init_run
   if run_dir is None:
     return
-  if not os.path.isfile(os.path.join(run_dir, "config.gin")):
+  if not storage.isfile(os.path.join(run_dir, "config.gin")):
     raise config_lib.ConfigError(f"RunConfig.init_run={run_dir!r}: no config.gin there (not a run directory)")
   if latest_step(os.path.join(run_dir, "checkpoints")) is None:
     raise config_lib.ConfigError(f"RunConfig.init_run={run_dir!r}: no checkpoint in "
@@ -99,7 +100,8 @@ def initial_params(cfg: config_lib.ExperimentConfig, model, mesh, key):
 
 class MetricsSink:
   """Collects per-step device metrics without blocking; `flush` fetches them, stops on NaN/inf and
-  writes the logged steps (JSONL, TensorBoard, console)."""
+  writes the logged steps (JSONL, TensorBoard, console); `sync` makes the written steps durable (for a URL
+  run directory, the files are uploaded whole: logging_utils)."""
 
   def __init__(self, cfg, jsonl: MetricsJsonl, tb: TensorBoard, throughput: Throughput):
     self._cfg, self._jsonl, self._tb, self._throughput = cfg, jsonl, tb, throughput
@@ -131,8 +133,15 @@ class MetricsSink:
         self._tb.write(step, record)
         log.info("step %d: %s", step, format_metrics(record))
       self.last = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "nonfinite"}}
+    self._jsonl.sync(force=False)
+    self._tb.sync(force=False)
+
+  def sync(self) -> None:
+    self._jsonl.sync()
+    self._tb.sync()
 
   def close(self) -> None:
+    self._jsonl.close()
     self._tb.close()
 
 
@@ -227,6 +236,7 @@ def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
       if due:
         sink.flush()  # a NaN / inf step is never saved
         checkpointer.save(done, state, progress_of(done), force=True)
+        sink.sync()  # the metrics of every step up to the checkpoint are kept with it
       if stop.should_stop(done, checkpointer):
         sink.flush()
         if not due:
@@ -241,7 +251,7 @@ def pretrain(cfg: config_lib.ExperimentConfig, config_text: str, mesh) -> int:
     checkpointer.close()
     sink.close()
 
-  model_dir_abs = os.path.abspath(model_dir)
+  model_dir_abs = storage.absolute(model_dir)
   results = {"status": "preempted" if status else "done", "mode": "pretrain", "step": done,
              "train_steps": total, "resumed_from": start, "final_metrics": sink.last,
              "wall_time_s": elapsed + time.time() - start_time, "model_dir": model_dir_abs,
