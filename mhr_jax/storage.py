@@ -350,6 +350,19 @@ def _temporary_name(path: str) -> str:
   return f"{path}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _replace_local(path: str, fill: Callable[[str], None]) -> None:
+  """The local file `path` replaced whole: fill(temporary name) in its folder, then os.replace."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = _temporary_name(path)
+  try:
+    fill(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def write_bytes_atomic(path: str, data: bytes, every_process: bool = False) -> None:
   """Writes `data` to `path` whole or not at all: a temporary file and os.replace, or one object upload.
   Process 0 writes the run's shared files; `every_process`: each process writes (the same deterministic
@@ -360,16 +373,11 @@ def write_bytes_atomic(path: str, data: bytes, every_process: bool = False) -> N
     with _store_errors(path):
       _filesystem(path).pipe_file(path, data)
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = _temporary_name(path)
-  try:
+
+  def fill(tmp):
     with open(tmp, "wb") as f:
       f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  _replace_local(path, fill)
 
 
 def write_text_atomic(path: str, text: str, every_process: bool = False) -> None:
@@ -398,15 +406,7 @@ def upload(local_path: str, path: str) -> None:
     with _store_errors(path):
       _filesystem(path).put_file(local_path, path)
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = _temporary_name(path)
-  try:
-    shutil.copyfile(local_path, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  _replace_local(path, lambda tmp: shutil.copyfile(local_path, tmp))
 
 
 def remove(path: str) -> None:

@@ -30,6 +30,7 @@ from mhr_jax.experiment import report, runner
 from mhr_jax.logging_utils import MetricsJsonl
 from mhr_jax.models import T5, preset
 from tasks import superni, t0
+from tiny_runs import TINY_EXPERIMENT
 
 REPO = config_lib.REPO_ROOT
 STEPS = 8  # tiny.gin checkpoints every 5 steps
@@ -117,39 +118,17 @@ def test_training_killed_in_a_bucket_resumes_bitwise(env, gcs, bucket, tmp_path)
   assert len(storage.listdir(f"{run}/tb")) == 2 and len(os.listdir(os.path.join(reference, "tb"))) == 1
 
 
-EXPERIMENT = """
-include 'configs/models/tiny.gin'
-MODEL_DIR = %gin.REQUIRED
+EXPERIMENT = TINY_EXPERIMENT + """
 BASE = %gin.REQUIRED
-Experiment.model_dir = %MODEL_DIR
 Experiment.base_checkpoint = %BASE
 Experiment.pretrain = ('mhr',)
 Experiment.adapt = ('mhr',)
 Experiment.controls = ()
 Experiment.zero_shot = ()
 Experiment.analysis_grad_batches = 1
-DataConfig.source = 'synthetic'
-DataConfig.task = 'synthetic_train'
-DataConfig.synthetic_train_tasks = 4
-DataConfig.synthetic_test_tasks = 1
-DataConfig.synthetic_instances = 110
-DataConfig.batch_size = 8
-DataConfig.input_len = 32
-DataConfig.target_len = 16
-AdapterConfig.n_tasks = 4
-AdapterConfig.n_skills = 2
-AdapterConfig.n_splits = 2
-AdapterConfig.gumbel = False
-OptimizerConfig.name = 'adamw'
-OptimizerConfig.adapter_lr = 1e-2
-OptimizerConfig.warmup_steps = 0
-RunConfig.model_dir = %MODEL_DIR
-RunConfig.log_every = 1
 RunConfig.checkpoint_every = 2
-RunConfig.keep_checkpoints = 1
 pretrain/RunConfig.train_steps = 3
 adapt/RunConfig.train_steps = 2
-adapt/AdaptConfig.shots = 4
 adapt/AdaptConfig.seeds = (13,)
 """
 STAGES = ["pretrain/mhr", "adapt/mhr", "analysis/mhr"]

@@ -13,7 +13,7 @@ import pytest
 
 from mhr_jax import cli
 from mhr_jax import config as config_lib
-from tiny_runs import TINY_EXPERIMENT
+from tiny_runs import TWO_STEP_EXPERIMENT
 
 REPO = config_lib.REPO_ROOT
 STEPS = 3
@@ -197,21 +197,11 @@ def test_a_sigterm_to_one_process_stops_every_process_at_one_step(env, tmp_path,
     assert (b["final_loss"], b["rougeL"]) == (a["final_loss"], a["rougeL"])
 
 
-POD_EXPERIMENT = TINY_EXPERIMENT + """
-DataConfig.synthetic_test_tasks = 2
+POD_EXPERIMENT = TWO_STEP_EXPERIMENT + """
 Experiment.pretrain = ('mhr',)
 Experiment.adapt = ('mhr',)
-Experiment.controls = ()
 Experiment.zero_shot = ('base',)
-Experiment.analysis = False
-OptimizerConfig.adapter_lr = 1e-3
-OptimizerConfig.routing_lr = 0.1
 RunConfig.checkpoint_every = 100
-base/DataConfig.prompt = None
-base/DataConfig.input_len = 32
-base/RunConfig.train_steps = 2
-pretrain/RunConfig.train_steps = 2
-adapt/RunConfig.train_steps = 2
 adapt/AdaptConfig.seeds = (13, 42)
 adapt/MeshConfig.data = 1
 """

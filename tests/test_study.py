@@ -11,7 +11,7 @@ import pytest
 
 from mhr_jax.experiment import statistics, study, study_report
 from mhr_jax.errors import ConfigError, RunError
-from tiny_runs import TINY_EXPERIMENT, kill_at_checkpointer
+from tiny_runs import TWO_STEP_EXPERIMENT, kill_at_checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 3600  # only against a hung run
@@ -197,21 +197,10 @@ def test_report_names_what_is_missing(tmp_path):
 
 # ---------------------------------------------------------------------------- end to end, through a kill -9
 
-TINY_STUDY = TINY_EXPERIMENT + """
-DataConfig.synthetic_test_tasks = 2
+TINY_STUDY = TWO_STEP_EXPERIMENT + """
 Experiment.pretrain = ('mhr', 'lora')
 Experiment.adapt = ('mhr', 'lora')
-Experiment.controls = ()
-Experiment.zero_shot = ()
-Experiment.analysis = False
-OptimizerConfig.adapter_lr = 1e-3
-OptimizerConfig.routing_lr = 0.1
 RunConfig.checkpoint_every = 1
-base/DataConfig.prompt = None
-base/DataConfig.input_len = 32
-base/RunConfig.train_steps = 2
-pretrain/RunConfig.train_steps = 2
-adapt/RunConfig.train_steps = 2
 Study.model_dir = %MODEL_DIR
 Study.pretrain_seeds = (0,)
 Study.adapt_seeds = (13,)

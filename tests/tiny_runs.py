@@ -30,6 +30,22 @@ base/DataConfig.input_len = 96
 adapt/AdaptConfig.shots = 4
 """
 
+# Two steps per stage from a base trained here, on 2 held-out tasks, one method's stages only (later lines name
+# them): the end-to-end tests that run many processes or many cells.
+TWO_STEP_EXPERIMENT = TINY_EXPERIMENT + """
+DataConfig.synthetic_test_tasks = 2
+Experiment.controls = ()
+Experiment.zero_shot = ()
+Experiment.analysis = False
+OptimizerConfig.adapter_lr = 1e-3
+OptimizerConfig.routing_lr = 0.1
+base/DataConfig.prompt = None
+base/DataConfig.input_len = 32
+base/RunConfig.train_steps = 2
+pretrain/RunConfig.train_steps = 2
+adapt/RunConfig.train_steps = 2
+"""
+
 
 def kill_at_checkpointer(module: str) -> str:
   """Python source that runs `python -m MODULE ARGS` (argv[2:]) and SIGKILLs it as soon as it opens a run
