@@ -2,6 +2,7 @@
 server on loopback for the gs:// tests."""
 import os
 import platform
+import sys
 import uuid
 
 # Level 0 halves CPU compile time for the many tiny programs; numerics stay within the tests' tolerances.
@@ -11,6 +12,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  """Gin's bindings are process-global: a test that parses a config must not change the defaults of the
+  config dataclasses that later tests build (gin is imported lazily: the model side runs without it)."""
+  yield
+  if "gin" in sys.modules:
+    sys.modules["gin"].clear_config()
 
 
 @pytest.fixture(scope="session")

@@ -17,12 +17,6 @@ def _load(files, bindings=()):
   return config_lib.load_config()
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  yield
-  gin.clear_config()
-
-
 def test_tiny_config_contract(tmp_path):
   cfg = _load(["configs/tiny.gin"], [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 7"])
   assert cfg.run.model_dir == str(tmp_path)
