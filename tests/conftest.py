@@ -15,12 +15,15 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _clean_gin():
-  """Gin's bindings are process-global: a test that parses a config must not change the defaults of the
-  config dataclasses that later tests build (gin is imported lazily: the model side runs without it)."""
+def _clean_process_state():
+  """Gin's bindings and the few-shot data memo are process-global: a test that parses a config must not
+  change the defaults of the config dataclasses that later tests build, nor keep another test's data (both
+  modules are imported lazily: the model side runs without gin and TensorFlow)."""
   yield
   if "gin" in sys.modules:
     sys.modules["gin"].clear_config()
+  if "mhr_jax.data.replay" in sys.modules:
+    sys.modules["mhr_jax.data.replay"].MEMO.clear()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The data of few-shot adaptation: which (task, seed) pairs a run adapts, their training batches, their
-dev batches and the examples they are evaluated on (METHODS.md "Protocols"). Their evaluation and tables
+dev batches and the examples they are evaluated on (docs/METHODS.md "Protocols"). Their evaluation and tables
 are mhr_jax/evaluation/fewshot.py.
 
 - SuperNI-format sources ("superni", "synthetic"): a pair is (task, seed). It trains on the task's
@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from mhr_jax.data import pipeline
+from mhr_jax.data.replay import MEMO
 from mhr_jax.errors import ConfigError
 
 
@@ -66,6 +67,8 @@ class SuperNIPairs:
     self.source, self.vocabulary, self.data, self.eval_batch_size = d.source, vocabulary, d, eval_batch_size(cfg)
     self.num_beams = a.num_beams
     self._shots, self._registration = a.shots, registration
+    # What determines the pairs' data, for replaying it to the process's later stages (data/replay.py).
+    self._data_key = (repr(d), d.data_dir or cfg.default_data_dir)
     tasks = list(a.tasks) or pipeline.heldout_tasks(d, registration)
     unknown = [t for t in tasks if t not in registration.tasks]
     if unknown:
@@ -76,13 +79,21 @@ class SuperNIPairs:
   def train_streams(self, indices: Sequence[int]) -> list[Iterator[dict]]:
     """The training batch streams of pairs `indices`."""
     d = self.data
-    return [pipeline.train_batches(self._registration.tasks[t], f"train_k{self._shots}_seed{seed}", d.batch_size,
-                                   d.input_len, d.target_len, seed=seed) for t, seed in _at(self.pairs, indices)]
+
+    def stream(task: str, seed: int) -> Iterator[dict]:
+      split = f"train_k{self._shots}_seed{seed}"
+      return MEMO.stream((self._data_key, task, split), lambda: pipeline.train_batches(
+          self._registration.tasks[task], split, d.batch_size, d.input_len, d.target_len, seed=seed))
+    return [stream(t, seed) for t, seed in _at(self.pairs, indices)]
+
+  def _examples(self, task: str, split: str) -> list[dict]:
+    return MEMO.examples((self._data_key, task, split),
+                         lambda: pipeline.eval_examples(self._registration.tasks[task], split))
 
   def dev_examples(self, pair: int) -> list[dict]:
     """The examples of the pair's dev_k<shots>_seed<seed> split (best-on-dev selection)."""
     task, seed = self.pairs[pair]
-    return pipeline.eval_examples(self._registration.tasks[task], f"dev_k{self._shots}_seed{seed}")
+    return self._examples(task, f"dev_k{self._shots}_seed{seed}")
 
   def dev_batches(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
     """Pairs `indices`' dev splits as pair batches (n, B, ...), one pass (best-on-dev by the dev loss)."""
@@ -93,7 +104,7 @@ class SuperNIPairs:
 
   def test_examples(self, pair: int) -> list[dict]:
     """The examples of the pair's task's test split (the first 100 instances), in file order."""
-    return pipeline.eval_examples(self._registration.tasks[self.pairs[pair][0]], "test")
+    return self._examples(self.pairs[pair][0], "test")
 
 
 class T0Pairs:

@@ -41,13 +41,19 @@ class RankClassification:
 # ---------------------------------------------------------------------------------------- placement
 
 
+@functools.lru_cache(maxsize=32)
+def _param_shardings(model, mesh: Mesh):
+  # Tracing the model for its abstract params costs a fraction of a second: few-shot evaluation places the
+  # params of every pair, and at every dev selection, for one model.
+  return partitioning.param_shardings(ts.abstract_boxed_params(model), mesh)
+
+
 def place_params(model, params, mesh: Mesh | None):
   """Unboxed params on the mesh by the logical rules (as training places them); as given without one."""
   params = nn.meta.unbox(params)
   if mesh is None:
     return params
-  shardings = partitioning.param_shardings(ts.abstract_boxed_params(model), mesh)
-  return jax.device_put(params, shardings)
+  return jax.device_put(params, _param_shardings(model, mesh))
 
 
 def _global_arrays(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
