@@ -53,7 +53,7 @@ class ProcessLocalCheckpointer:
     for name, leaf in _leaves(state):
       dtypes[name] = leaf.dtype.name
       # np.savez names only NumPy's own dtypes: others (bfloat16) are stored as their bits.
-      arrays[name] = leaf if leaf.dtype.isbuiltin else leaf.view(f"u{leaf.dtype.itemsize}")
+      arrays[name] = leaf if leaf.dtype.isbuiltin == 1 else leaf.view(f"u{leaf.dtype.itemsize}")
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     write_bytes_atomic(os.path.join(where, "state.npz"), buffer.getvalue(), every_process=True)
