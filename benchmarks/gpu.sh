@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue's GPU measurements in one prepared command: T5-XL on one GPU (an H200), batch 8 and 32,
+# The GPU targets' measurements in one prepared command: T5-XL on one GPU (an H200), batch 8 and 32,
 # input 512 / target 128, the project's train steps beside Hugging Face + PEFT, then evaluation
 # (scoring and greedy decoding beside HF generate). Finishes within 8 minutes: a 435 s budget for
 # all cases, 150 s at most per case; cases left when the budget is spent are recorded as skipped.

@@ -1,6 +1,6 @@
 """Train-step and evaluation speed of the project beside Hugging Face + PEFT, on whatever backend exists.
 
-  # One GPU, T5-XL, the issue's configs (benchmarks/gpu.sh wraps this with a time budget):
+  # One GPU, T5-XL, the target configs (benchmarks/gpu.sh wraps this with a time budget):
   python -m benchmarks.step --preset=xl --batches=8,32 --input_len=512 --target_len=128 \
       --out_dir=/tmp/bench
   # CPU, T5-base width with 2+2 layers (the adapter-step setting of benchmarks/RESULTS.md):
@@ -289,7 +289,7 @@ def _find(records, name):
 
 
 def targets(records: list[dict], batches: list[int]) -> list[str]:
-  """The issue's targets that these records speak to, each with the numbers behind it."""
+  """The targets that these records speak to, each with the numbers behind it."""
   lines = []
   b = batches[0]
   mhr, lora = _find(records, f"train/mhr/single/b{b}"), _find(records, f"train/lora/single/b{b}")
@@ -332,7 +332,7 @@ def markdown(records: list[dict], machine: dict, settings: Settings, command: st
     rows.append("| " + " | ".join(str(c) for c in cells) + " |")
   notes = [f"- {r['name']}: {r['note']}" for r in records if r.get("note")]
   return "\n".join(
-      [f"# benchmarks/step.py results", "", f"Command: `{command}`", "",
+      ["# benchmarks/step.py results", "", f"Command: `{command}`", "",
        f"Machine: {json.dumps(machine, sort_keys=True)}", "",
        f"Settings: {json.dumps(dataclasses.asdict(settings), sort_keys=True)}", ""]
       + rows + ["", "Targets:"] + [f"- {t}" for t in targets(records, batches)]

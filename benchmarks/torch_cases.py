@@ -2,7 +2,7 @@
 
 transformers' T5ForConditionalGeneration with the preset's dimensions and random weights, PEFT
 `poly` (n_splits = S for "mhr", 1 for "poly") or LoRA on all 7 linear kinds, AdamW on the
-trainable parameters. On a GPU: float32 weights under bf16 autocast (the issue's measured setup);
+trainable parameters. On a GPU: float32 weights under bf16 autocast (the targets' measured setup);
 on CPU: float32. Imports nothing from JAX, so the GPU stays free for this process.
 """
 from __future__ import annotations

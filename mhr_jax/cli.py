@@ -19,7 +19,6 @@ import jax
 from mhr_jax.errors import ConfigError, NonFiniteLoss, RunError
 from mhr_jax.logging_utils import setup_console
 
-EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, after the checkpoint is written

@@ -102,7 +102,7 @@ class DataConfig:
       "study" (16 skills, tasks of 2 or 3: tasks/synthetic_study.py).
     synthetic_train_tasks, synthetic_test_tasks, synthetic_instances, synthetic_seed: the
       synthetic suite's sizes and seed.
-    max_train_instances: SuperNI instances per training task (METHODS.md: <= 100).
+    max_train_instances: SuperNI instances per training task (docs/METHODS.md: <= 100).
     prompt, num_pos_examples: SuperNI-format input ("tk_instruct": the task definition and
       num_pos_examples positive examples before the instance; "authors": the MHR authors' string,
       "Task definition: ...", then the instance, no examples (tasks/superni.py); "definition": the
@@ -115,7 +115,7 @@ class DataConfig:
       the authors' pre-training scores zero-shot for early stopping, NIOnlineZeroShot.VAL_TASKS; a
       quicker partial evaluation, not the paper's test set).
     catalog: the T0 dataset/template list (source "t0"); None: tasks/t0_datasets.json.
-    t0_cap: T0 training-mixture cap (METHODS.md): "authors" (their code: every (dataset, template)
+    t0_cap: T0 training-mixture cap (docs/METHODS.md): "authors" (their code: every (dataset, template)
       task keeps at most 500k // (number of templates) examples) or "t0" (the original T0 rule: a
       dataset's templates are capped that way only when the dataset has more than 500k examples).
   """

@@ -7,7 +7,7 @@ mhr_jax/storage.py):
                              ([{id, input, output: [str, ...]}]), and metadata (Source, Categories, ...).
   <clone>/splits/default/train_tasks.txt, test_tasks.txt: one task name per line (756 and 119 tasks).
 
-Instance splits (METHODS.md, Protocols): the first 100 instances in file order are a task's test set for
+Instance splits (docs/METHODS.md, Protocols): the first 100 instances in file order are a task's test set for
 every seed. The remaining instances R (file order) are permuted with numpy.random.default_rng(seed)
 .permutation(len(R)); few-shot train = the first k of that order, dev = the next k. The multi-task training
 split takes up to `max_train_instances` (default 100) instances of every listed task in the order of

@@ -12,7 +12,7 @@ answer_choices (strings). The "_score_eval" subsets are not used: rank classific
 answer_choices.
 
 Which subsets: tasks/t0_datasets.json (reviewable). Training: every template of the 38 T0 training datasets,
-313 subsets, each its own task with id = its position in that file. The mixture cap (METHODS.md), by
+313 subsets, each its own task with id = its position in that file. The mixture cap (docs/METHODS.md), by
 `cap_rule`: "authors" (the MHR authors' code, the default): every (dataset, template) task keeps at most
 max_examples_per_dataset (500k) // n_templates examples (the first ones in file order) and its mixing rate
 is that count; "t0" (the original T0 rule): only a dataset with more than 500k training examples has each

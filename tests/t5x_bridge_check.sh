@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end check of the T5X bridge with real T5X, on CPU:
-#   1. the design card's literal command, 20 steps:
+#   1. the README's T5X command, 20 steps:
 #        python -m t5x.train --gin_file=configs/mhr.gin --gin.MODEL_DIR="'DIR'" --gin.TRAIN_STEPS=20
 #      the training loss (T5X's TensorBoard events) fell; the last checkpoint holds the routing logits,
 #      moved away from their U(-1e-3, 1e-3) init; it converts to a project run checkpoint with the same
@@ -15,7 +15,7 @@
 #
 # Usage, from anywhere:  tests/t5x_bridge_check.sh PYTHON [MODEL_DIR]
 #   PYTHON: the python of a virtualenv with the project's requirements plus T5X (see README.md,
-#   section "T5X"; e.g. ../shared/tools/t5x-venv.sh prints one). MODEL_DIR defaults to a fresh
+#   section "T5X"). MODEL_DIR defaults to a fresh
 #   temporary directory; the other runs go next to it (MODEL_DIR.adapt, MODEL_DIR.t0). Exit status 0
 #   when every check passes.
 set -euo pipefail

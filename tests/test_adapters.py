@@ -1,4 +1,4 @@
-"""Adapter math (METHODS.md "Routing") against naive numpy references, on single layers and tiny T5s."""
+"""Adapter math (docs/METHODS.md "Routing") against naive numpy references, on single layers and tiny T5s."""
 import zlib
 
 import flax.linen as nn

@@ -77,7 +77,7 @@ def test_spent_budget_skips_cases(tmp_path, env):
 
 
 def test_needed_flops_match_a_hand_count():
-  """T5-XL, batch 8, 512 -> 128: the issue's PEFT run did 26.6 TFLOP/s x 1.10 s = 29.3 TFLOP."""
+  """T5-XL, batch 8, 512 -> 128: the measured PEFT run did 26.6 TFLOP/s x 1.10 s = 29.3 TFLOP."""
   fields = common.Settings(preset="xl").model_fields()
   d, ff, inner, vocab, layers = 2048, 5120, 2048, 32128, 24
   b, li, lt = 8, 512, 128

@@ -76,7 +76,7 @@ def test_first_update_descends_and_loss_falls(method):
   start = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
   for path, g in traverse_util.flatten_dict(jax.tree.map(np.asarray, grads)).items():
     if not np.any(g):
-      # Only a fresh LoRA's A has no first gradient: its B starts at zero (METHODS.md "Init").
+      # Only a fresh LoRA's A has no first gradient: its B starts at zero (docs/METHODS.md "Init").
       assert path[-1] == "lora_a" and not np.any(start[path[:-1] + ("lora_b",)]), \
           f"{method}: no gradient for {'/'.join(path)}"
       continue

@@ -63,6 +63,15 @@ def test_gpu_single_node_dry_run_prints_train_command():
                      "--gin.MODEL_DIR='/tmp/x y'"]
 
 
+def test_gpu_single_node_runs_another_module_with_its_own_arguments_after_the_separator():
+  out = launch(GPU_SINGLE, "--module=mhr_jax.experiment", "--python=py3", "--dry-run",
+               "--gin_file=configs/experiments/demo.gin", "--", "--dry_run", "--help").stdout
+  words = shlex.split(out)
+  assert words[words.index("py3"):] == ["py3", "-m", "mhr_jax.experiment",
+                                        "--gin_file=configs/experiments/demo.gin", "--dry_run", "--help"]
+  assert "--module=MODULE" in launch(GPU_SINGLE, "--help").stdout
+
+
 # ============================================================================== TPU VM
 
 
@@ -356,6 +365,9 @@ def test_tpu_vm_keep_running_dry_run_prints_the_loop_of_this_script_commands():
     (TPU_VM, ["kill", *TPU, "--gin_file=x.gin"], "--gin_file"),
     (TPU_VM, ["run", *TPU, "--dry-run"], "--workers"),
     (TPU_VM, ["start", *TPU], "start"),
+    (GPU_SINGLE, ["--modul=mhr_jax.train"], "--modul"),
+    (GPU_SINGLE, ["--module=mhr_jax/train"], "--module"),
+    (GPU_SINGLE, ["configs/tiny.gin"], "configs/tiny.gin"),
     (GPU_SLURM, ["--nodes=0"], "--nodes"),
     (GPU_SLURM, ["--per=socket"], "--per"),
     (GPU_SLURM, ["--gpus"], "--gpus"),

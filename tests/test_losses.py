@@ -14,7 +14,6 @@ _RNG = np.random.default_rng(0)
 # Jitted once each: eager op-by-op dispatch of many tiny ops is slower than one compile on CPU.
 _lm_loss = jax.jit(losses.lm_loss, static_argnums=3)
 _per_task = jax.jit(losses.per_task_lm_loss, static_argnums=(4, 5))
-_tfew_terms = jax.jit(losses.tfew_terms)
 _tfew_counts = jax.jit(losses.tfew_counts)
 
 

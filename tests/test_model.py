@@ -241,7 +241,7 @@ def test_xl_preset_matches_methods_dims_and_hf_param_count():
   is_adapter = lambda kp: kp[-1].key in ("lora_a", "lora_b")
   base = sum(int(np.prod(x.shape)) for kp, x in flat if not is_adapter(kp))
   lora = [x for kp, x in flat if is_adapter(kp)]
-  # METHODS.md: 432 linear layers; rank-1 LoRA on all of them is 2,211,840 parameters.
+  # docs/METHODS.md: 432 linear layers; rank-1 LoRA on all of them is 2,211,840 parameters.
   assert len(lora) == 2 * 432 and sum(int(np.prod(x.shape)) for x in lora) == 2_211_840
   assert params["encoder"]["block_23"]["mlp"]["wi_0"]["kernel"].shape == (2048, 5120)
   for stack in ("encoder", "decoder"):
@@ -257,6 +257,6 @@ def test_xl_preset_matches_methods_dims_and_hf_param_count():
     hf_count += hf.lm_head.weight.numel()
   assert base == hf_count
 
-  # METHODS.md: (IA)^3 on k, v, wi_1 of T5-XL is 540,672 parameters.
+  # docs/METHODS.md: (IA)^3 on k, v, wi_1 of T5-XL is 540,672 parameters.
   ia3 = abstract(cfg.replace(adapter=AdapterConfig(kind="ia3")))
   assert _count(ia3) - base == 540_672

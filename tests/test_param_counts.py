@@ -25,7 +25,7 @@ def _groups(labels):
   return {g: sorted(v) for g, v in out.items()}
 
 
-# ----------------------------------------------------------------------------- METHODS.md counts
+# ----------------------------------------------------------------------------- docs/METHODS.md counts
 
 def test_t5_xl_parameter_counts_match_the_paper():
   """T5-XL, all 7 linear kinds adapted: 432 layers; counted on abstract shapes (nothing allocated)."""

@@ -1,4 +1,4 @@
-"""mhr_jax.statistics: the crossed bootstrap against scipy.stats.bootstrap (one varying factor) and against an
+"""mhr_jax.experiment.statistics: the crossed bootstrap against scipy.stats.bootstrap (one varying factor) and against an
 exact enumeration of every resample (2x2 by hand, 2x2x2 by brute force), determinism, verdict boundaries, and
 one-line errors for bad input."""
 import itertools

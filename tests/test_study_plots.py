@@ -1,4 +1,4 @@
-"""mhr_jax.study_plots: each figure is a readable PNG; bad input and a failed write leave nothing behind."""
+"""mhr_jax.experiment.study_plots: each figure is a readable PNG; bad input and a failed write leave nothing behind."""
 import os
 
 import matplotlib.image

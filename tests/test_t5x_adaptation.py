@@ -358,7 +358,7 @@ def test_gin_files_build_the_papers_models(run, tmp_path):
 
 PAPER_PATHS = ("MODEL_DIR", "DATA_DIR", "HF_CHECKPOINT", "PRETRAIN_DIR", "PRETRAINED_CHECKPOINT")
 
-# setting -> (the project's config files, the T5X config files); adaptation runs as METHODS.md describes.
+# setting -> (the project's config files, the T5X config files); adaptation runs as docs/METHODS.md describes.
 
 
 PAPER_SETTINGS = {

@@ -1,6 +1,6 @@
 """Adapter configuration: which T5 linear layers get an adapter, and of which kind.
 
-The adapter kinds are one table, `KIND_TABLE` (METHODS.md); what each few-shot method does with them is
+The adapter kinds are one table, `KIND_TABLE` (docs/METHODS.md); what each few-shot method does with them is
 the method table, `mhr_jax.adapters.methods`.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-# The paper's two placements (METHODS.md "Where adapters go in T5").
+# The paper's two placements (docs/METHODS.md "Where adapters go in T5").
 ALL_LINEAR = r".*/(q|k|v|o|wi|wi_0|wi_1|wo)$"      # authors' T0 setting (rank 1)
 ATTENTION_ONLY = r".*/(q|k|v|o)$"                   # authors' SuperNI setting (rank 16)
 IA3_TARGETS = r".*/(k|v|wi_1|wi)$"                  # (IA)^3: keys, values, first FFN input

@@ -1,5 +1,5 @@
 """Adapter computations inside a T5 linear layer: LoRA, private LoRA, (IA)^3, and the routed
-Poly / MHR inventory (METHODS.md "Routing").
+Poly / MHR inventory (docs/METHODS.md "Routing").
 
 The adapter parameters live next to the layer's `kernel`, so paths read
   .../q/kernel, .../q/lora_a, .../q/lora_b, .../q/routing/logits, .../k/ia3_scale
@@ -51,7 +51,7 @@ def _uniform(bound: float):
 
 
 def lora_a_bound(init_a: str, d_in: int, n_splits: int = 1) -> float:
-  """Half-width b of A's U(-b, b) init (METHODS.md "Init"); plain LoRA uses n_splits=1.
+  """Half-width b of A's U(-b, b) init (docs/METHODS.md "Init"); plain LoRA uses n_splits=1.
 
   "authors": b = sqrt(1/3) / sqrt(d_in) (full fan-in, the authors' code);
   "kaiming": b = 1 / sqrt(d_in / S) (PEFT's kaiming-uniform, a = sqrt(5), on each (d_in/S, r) block).

@@ -1,10 +1,11 @@
 """The paper's training methods, one record each: the single place that says what a method trains and at
-which rate, what it starts from, and how its (task, seed) pairs run (METHODS.md "Few-shot adaptation
+which rate, what it starts from, and how its (task, seed) pairs run (docs/METHODS.md "Few-shot adaptation
 variants" and "Baselines").
 
 Every stage reads `METHOD_TABLE`: the train step's parameter groups (`rules`), few-shot adaptation's
 starting points (`start_params`), the config checks and the experiment plan (`adapts`, `control`), the T5X
-bridge, PEFT export (`peft_type`) and the benchmarks. Adding a method is one record here plus its math (a
+bridge and the benchmarks; PEFT export reads the adapter kind of the adapted model (`adapted_kind`, then
+`KIND_TABLE`). Adding a method is one record here plus its math (a
 new `start` or rule set) where it is not there yet.
 
 Parameter groups (`rules`) are ordered (regex, group) pairs over '/'-joined parameter paths, the first full
@@ -94,11 +95,6 @@ class Method:
   def trains_base(self) -> bool:
     """Whether base-model weights train (full fine-tuning: the train step's FLOPs then include them)."""
     return any(group == "base" for _, group in self.rules)
-
-  @property
-  def peft_type(self) -> str | None:
-    """The PEFT tuner the adapted model exports to (checkpoints.export_peft), or None."""
-    return KIND_TABLE[self.adapted_kind(self.pretrain_kind)].peft_type
 
   def accepts(self, kind: str) -> bool:
     """Whether an adaptation config with AdapterConfig.kind `kind` fits: the pre-trained kind, or a fresh

@@ -1,4 +1,4 @@
-"""Which parameters train: labels by path regex, trainable / frozen split, parameter counts.
+"""Which parameters train: labels by path regex, the trainable / frozen split.
 
 Labels are one group name per leaf of the (unboxed) params tree, as `optim.make_optimizer` and
 the train step read them (GROUPS: frozen, adapters, routing, base; see `adapters.methods`).
@@ -15,10 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from mhr_jax.adapters import methods
-# The method table and its groups, re-exported: `params.METHOD_TABLE` and friends keep working.
-from mhr_jax.adapters.methods import (ADAPTER_RE, GROUPS, IA3_RE, LORA_RE, METHOD_TABLE, METHODS,  # noqa: F401
-                                      ROUTING_AND_ADAPTERS, ROUTING_RE, TRAINED, Method, Rules,
-                                      canonical_method)
+from mhr_jax.adapters.methods import GROUPS, TRAINED, Rules
 
 
 def default_rules(method: str) -> list[tuple[str, str]]:

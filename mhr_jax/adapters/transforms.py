@@ -1,4 +1,4 @@
-"""Pure transforms of adapted parameter trees (METHODS.md "Few-shot adaptation variants").
+"""Pure transforms of adapted parameter trees (docs/METHODS.md "Few-shot adaptation variants").
 
 Every function takes a config and an UNBOXED params tree (nested dicts, as `flax.linen.unbox`
 returns them, without the "params" wrapper) and returns `(new_cfg, new_params)`; inputs are never
@@ -108,7 +108,7 @@ def _mix(a, b, w):
     a: (..., S, K, d_in/S, r).  b: (..., S, K, r, d_out/S).  w: (..., S, K) mixing weights.
   Returns:
     A (..., d_in, r): the S mixed blocks stacked along the input dim; B (..., r, d_out): the mixed
-    blocks concatenated along the output dim (METHODS.md: the rank is not split).
+    blocks concatenated along the output dim (docs/METHODS.md: the rank is not split).
   """
   s, _, d_in_s, r = a.shape[-4:]
   d_out_s = b.shape[-1]
@@ -133,7 +133,7 @@ def add_task_rows(cfg, params, n_new: int, rng: jax.Array, init: str = "uniform"
   """Appends `n_new` tasks (ids T .. T + n_new - 1) to a routed or private-LoRA model.
 
   Poly / MHR: every routing-logits table (T, S, K) gets n_new rows, drawn U(-1e-3, 1e-3) (init
-  "uniform": a near-uniform skill mix; METHODS.md) or equal to the mean of its T rows (init "mean":
+  "uniform": a near-uniform skill mix; docs/METHODS.md) or equal to the mean of its T rows (init "mean":
   the average routing of the known tasks); the inventory is unchanged. Private LoRA ("uniform" only):
   every layer gets n_new fresh adapters (A with the configured init, B = 0, so a new task starts as
   the base model).

@@ -24,7 +24,7 @@ token-mean loss), with respect to the adapter weights (the "adapters" group of t
 for kind "none", the base weights); routing logits and frozen weights are left out. The forward pass has
 no dropout and no Gumbel noise, so the gradients are deterministic and the cosines compare task directions
 rather than sampling noise. Cosines are taken per adapted layer (for kind "none": per module holding
-weights) and averaged over layers (METHODS.md).
+weights) and averaged over layers (docs/METHODS.md).
 The gradients are kept on the host as float32: (tasks x adapter parameters) x 4 bytes.
 
 Exit status: 0 done, 2 bad input (one `error:` line on stderr, nothing written).

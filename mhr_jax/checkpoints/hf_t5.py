@@ -163,12 +163,6 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 def hf_to_params(tensors: dict, cfg: T5Config, source: str = SAFETENSORS_FILE) -> dict:
   """Our (unboxed, float32 numpy) params from HF tensors {key: (HF shape) array}."""
   params, used = {}, set(_TIED_COPIES + _IGNORED)

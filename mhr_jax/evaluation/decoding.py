@@ -286,7 +286,7 @@ def score_sequences(model, params, encoder_input_tokens, decoder_target_tokens, 
   """Teacher-forced log-likelihood of target sequences (rank classification scores).
 
   Decoder inputs are the targets shifted right with the decoder start id; padding (id 0) is excluded.
-  Rank classification (METHODS.md) picks the choice with the lowest length-normalised NLL, i.e. the
+  Rank classification (docs/METHODS.md) picks the choice with the lowest length-normalised NLL, i.e. the
   highest `mean_logprob`.
 
   Args:

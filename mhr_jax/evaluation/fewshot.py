@@ -1,5 +1,5 @@
-"""Evaluating adapted few-shot pairs and tabulating them (METHODS.md "Protocols"); the pairs and their data
-are mhr_jax/data/fewshot.py.
+"""Evaluating adapted few-shot pairs and tabulating them (docs/METHODS.md "Protocols"); the pairs and their
+data are mhr_jax/data/fewshot.py.
 
 - SuperNI-format sources: decoding of the test split (greedy, or beam search with AdaptConfig.num_beams);
   exact match and ROUGE-L, the official SuperNI metrics; best-on-dev scores each pair's dev ROUGE-L the same

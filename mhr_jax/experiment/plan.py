@@ -1,10 +1,11 @@
-"""The experiment's plan: which stages run, in which directories, with which settings (no JAX here).
+"""The experiment's plan: which stages run, in which directories, with which settings (nothing here runs JAX).
 
 The paper's experiment is a chain of ordinary runs, each a run directory that `python -m mhr_jax.train`
 could have made (T5X chains pretrain.gin -> finetune.gin the same way, by paths):
 
   MODEL_DIR/base/                 multi-task full fine-tuning of the base on the training tasks (only
-                                  without Experiment.base_checkpoint, a Hugging Face base)
+                                  without Experiment.base_checkpoint, a Hugging Face base, or
+                                  Experiment.base_run)
   MODEL_DIR/pretrain/<kind>/      multi-task pre-training of each adapter kind in Experiment.pretrain
                                   ("full": multi-task full fine-tuning of the base, where `full` adapts from)
   MODEL_DIR/pretrain/<kind>-mu/   zero-shot MHR-mu: the skills averaged, trained Experiment.mu_steps more

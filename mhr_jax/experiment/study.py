@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--dry_run", action="store_true",
                       help="print every cell, its stages and an estimate of device-hours; run nothing")
   parser.add_argument("--report_only", action="store_true",
-                      help="rewrite the report of a finished study from its files (no JAX)")
+                      help="rewrite the report of a finished study from its files (runs no JAX)")
 
   def run(args: argparse.Namespace) -> int:
     if args.report_only:

@@ -76,7 +76,7 @@ class T5Config:
     self._check_adapter_widths()
 
   def _check_adapter_widths(self) -> None:
-    """MHR splits every adapted layer's input and output widths into n_splits heads (METHODS.md): refuse
+    """MHR splits every adapted layer's input and output widths into n_splits heads (docs/METHODS.md): refuse
     a config where they do not divide, before any model is built."""
     splits = self.adapter.n_splits
     if splits == 1 or self.adapter.kind == "none":

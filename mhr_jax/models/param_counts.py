@@ -10,7 +10,8 @@ from flax import traverse_util
 
 from mhr_jax.adapters import methods
 from mhr_jax.adapters.config import AdapterConfig
-from mhr_jax.adapters.params import ROUTING_AND_ADAPTERS, Rules, param_labels, routing_row_mask
+from mhr_jax.adapters.methods import ROUTING_AND_ADAPTERS, Rules
+from mhr_jax.adapters.params import param_labels, routing_row_mask
 from mhr_jax.models import layout
 
 

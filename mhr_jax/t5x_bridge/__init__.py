@@ -21,5 +21,5 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
   raise ImportError(
       "mhr_jax.t5x_bridge needs T5X, which is not on PyPI: install it from its repository "
-      "(see README.md, section 'T5X', or ../shared/tools/t5x-venv.sh). The project's own trainer "
+      "(see README.md, section 'T5X'). The project's own trainer "
       f"(python -m mhr_jax.train) does not need it. Original error: {e}") from e

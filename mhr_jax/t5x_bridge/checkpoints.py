@@ -7,7 +7,7 @@ the parameters and the optimizer state leaf for leaf; a run trained in one train
 continued in the other with the same logits:
   T5X:  MODEL_DIR/checkpoint_<step>/state  (orbax, as `t5x.train` writes; legacy msgpack is read too)
         {target: params, state: {step, param_states: the optax state over all parameters}}
-  run:  RUN_DIR/checkpoints/<step>/{state, progress}  (mhr_jax.run_checkpoints)
+  run:  RUN_DIR/checkpoints/<step>/{state, progress}  (mhr_jax.checkpoints.run_state)
         state {step, trainable, frozen, opt_state: the optax state over the trainable part}
 The optimizer state of the frozen group is empty in both, so the leaves correspond by their paths.
 The data position is not portable (the trainers read SeqIO differently): a converted run checkpoint

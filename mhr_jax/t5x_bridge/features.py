@@ -3,7 +3,7 @@
 T5X builds every dataset (train, train-eval, inference eval, `t5x.eval`) with
 `model.FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)` and checks that the result is a
 `seqio.FeatureConverter`. `TaskIdsFeatureConverter` is that class; the conversion itself is the
-project's (`mhr_jax.data.TaskIdsFeatureConverter`), so both trainers see the same rows:
+project's (`mhr_jax.data.pipeline.TaskIdsFeatureConverter`), so both trainers see the same rows:
 
   input examples  inputs, targets (int32 (L,)), task_ids (int32 scalar)
   output rows     encoder_input_tokens (Li,), decoder_input_tokens, decoder_target_tokens,

@@ -5,7 +5,7 @@
 method's record in `adapters.methods`, or explicit (regex, group) rules)
   frozen    optax.set_to_zero: no update and no optimizer state
   adapters  Adafactor / AdamW at OptimizerConfig.adapter_lr, warmup then decay
-  routing   the same at OptimizerConfig.routing_lr (METHODS.md: about 100x the adapters')
+  routing   the same at OptimizerConfig.routing_lr (docs/METHODS.md: about 100x the adapters')
   base      the same at OptimizerConfig.base_lr (full fine-tuning)
 The chain has the same structure as `optim.make_optimizer`'s, so optimizer states convert between
 T5X checkpoints and run checkpoints leaf for leaf (`t5x_bridge.checkpoints`).

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import seqio
@@ -242,7 +242,3 @@ def registered(name: str, source: str = "synthetic", data_dir: str | None = None
                      f"{source!r} from {data_dir} (mixtures: {', '.join(known)})")
   return name
 
-
-def task_ids_of(registration, names: Mapping[str, str] | Sequence[str]) -> dict[str, int]:
-  """{SeqIO task name: task id} for some of a registration's (source-level) task names."""
-  return {registration.tasks[n]: registration.task_ids[n] for n in names}

@@ -4,7 +4,7 @@ Parameter groups come from a labels tree (same structure as the params, one stri
 `mhr_jax.adapters.params.param_labels`):
   frozen    never updated (set_to_zero; the train step does not even pass these to the optimizer)
   adapters  adapter weights (LoRA A/B, (IA)^3 scales), learning rate `adapter_lr`
-  routing   routing logits, `routing_lr` (METHODS.md: about 100x the adapters', 0.1 vs 1e-3)
+  routing   routing logits, `routing_lr` (docs/METHODS.md: about 100x the adapters', 0.1 vs 1e-3)
   base      base-model weights when they are trained (full fine-tuning), `base_lr`
 The chain is: global-norm clipping over all trained leaves -> per group (Adafactor or Adam scaling,
 optional decoupled weight decay, the group's scheduled learning rate) -> optional update mask
