@@ -14,8 +14,11 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 
 setup: $(VENV)/.installed
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay shared within a file).
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	$(PY) -m mhr_jax.experiment --gin_file=configs/experiments/demo.gin --gin.MODEL_DIR="'$(RUN_DIR)'"
