@@ -14,11 +14,12 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 
 setup: $(VENV)/.installed
 
-# Two pytest-xdist workers, one test file each at a time (module fixtures stay shared within a file).
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay shared within a file), in
+# collection order (tests/conftest.py puts the longest file first).
 TEST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: setup
 	$(PY) -m mhr_jax.experiment --gin_file=configs/experiments/demo.gin --gin.MODEL_DIR="'$(RUN_DIR)'"
